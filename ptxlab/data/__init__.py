@@ -1,0 +1,1 @@
+"""Reading chest X-ray datasets: published layouts, RLE labels, DICOM pixels, caching, splits."""
