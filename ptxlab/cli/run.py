@@ -1,0 +1,86 @@
+"""`ptxlab run`, `ptxlab config show` and `ptxlab ui`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ptxlab.cli.errors import fail_cleanly
+from ptxlab.config import load_config, render
+
+console = Console(stderr=True)
+config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
+
+ConfigArg = Annotated[
+    Path | None,
+    typer.Argument(help="YAML run config (default: the built-in CPU quick configuration, "
+                        "= experiments/default.yaml).", show_default=False),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a key, e.g. --set train.batch_size=8 (repeatable)."),
+]
+
+
+def run(
+    config: ConfigArg = None,
+    overrides: SetOption = None,
+    resume: Annotated[str | None, typer.Option(
+        help="Continue a killed run from its last checkpoint, into the same MLflow run.")] = None,
+) -> None:
+    """Train one configuration and log everything to MLflow."""
+    with fail_cleanly():
+        from ptxlab.experiment import run_experiment
+
+        resolved = load_config(config, overrides or [])
+        if resume:
+            from ptxlab import tracking
+
+            logged = tracking.download_artifact(resume, "config/config.yaml")
+            resolved = load_config(logged, overrides or [])
+        summary = run_experiment(resolved, config.read_text() if config else None,
+                                 resume_run_id=resume)
+    metrics = summary.metrics
+    print(f"run id: {summary.run_id}")
+    if metrics:
+        print(f"best epoch: {summary.best_epoch + 1} (stopped by {summary.stopped_by})")
+        print(f"best validation Dice: {metrics['pooled_dice']:.4f}  IoU: {metrics['pooled_iou']:.4f}"
+              f"  (pooled pixels, post-processing {summary.postprocess})")
+        print(f"per-image mean Dice: {metrics['mean_dice']:.4f}")
+    print(f"open it: ptxlab ui   (experiment '{summary.experiment}')")
+
+
+def show(
+    config: ConfigArg = None,
+    overrides: SetOption = None,
+    fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+) -> None:
+    """Print the resolved configuration (defaults + file + overrides)."""
+    with fail_cleanly():
+        if fmt not in ("yaml", "json"):
+            raise ValueError(f"--format {fmt!r}: allowed yaml, json")
+        print(render(load_config(config, overrides or []), fmt), end="")
+
+
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Open the MLflow UI on the tracking store (bound to 127.0.0.1 only)."""
+    from ptxlab.tracking import tracking_uri
+
+    uri = tracking_uri()
+    mlflow_cli = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow_cli, "ui", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", uri]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (store: {uri}); Ctrl+C stops it")
+    raise typer.Exit(subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri}))
+
+
+config_app.command("show")(show)

@@ -1,0 +1,225 @@
+"""The one typed configuration of a run: load YAML, apply `--set key=value` overrides, validate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Section):
+    """The embedded phantom data set (used when `data.source` is `synthetic`)."""
+
+    n_images: int = Field(320, ge=4)
+    positive_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    size: int = Field(256, ge=32, le=2048)
+    seed: int = Field(0, description="data seed, separate from the training seed")
+
+
+class DataConfig(_Section):
+    source: str = "synthetic"
+    layout: Literal["auto", "siim-png", "siim-dicom", "ptx498", "folder"] = "auto"
+    test_source: str | None = None
+    test_layout: Literal["auto", "siim-png", "siim-dicom", "ptx498", "folder"] = "auto"
+    image_size: int = Field(128, ge=32, le=2048)
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    folds: int = Field(1, ge=1, description="1 = a single stratified split; k > 1 = k-fold")
+    fold: int = Field(0, ge=0)
+    missing_mask_is_negative: bool = False
+    skip_bad: bool = False
+    cache: bool = True
+    cache_dir: str | None = Field(None, description="default: $PTXLAB_CACHE or ~/.cache/ptxlab")
+    num_workers: int = Field(0, ge=0)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> DataConfig:
+        if self.folds > 1 and self.fold >= self.folds:
+            raise ValueError(f"data.fold={self.fold} must be < data.folds={self.folds}")
+        return self
+
+
+class ModelConfig(_Section):
+    arch: Literal["Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus"] = "Unet"
+    encoder: str = "tu-tf_efficientnet_lite0"
+    encoder_weights: str | None = "lite0-imagenet"
+    decoder_channels: list[int] = Field([128, 64, 32, 16, 8], min_length=1, max_length=5)
+    classification_head: bool = False
+    freeze_encoder_epochs: int = Field(0, ge=0)
+    channels_last: bool = False
+    compile: bool = False
+
+
+class AugmentConfig(_Section):
+    preset: Literal["none", "light", "paper", "paper-intended"] = "light"
+    strength: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class LossConfig(_Section):
+    bce_weight: float = Field(1.0, ge=0.0)
+    dice_weight: float = Field(1.0, ge=0.0)
+    classification_weight: float = Field(0.5, ge=0.0)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-3, gt=0.0)
+    lr_min: float = Field(1e-5, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    reference_batch: int = Field(16, ge=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(15, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="fix optimizer updates instead of epochs")
+    batch_size: int = Field(16, ge=1)
+    accumulate: int = Field(1, ge=1)
+    amp: bool = True
+    amp_dtype: Literal["fp16", "bf16"] = "fp16"
+    early_stopping_patience: int = Field(5, ge=0, description="0 disables early stopping")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
+    max_train_batches: int | None = Field(None, ge=1, description="cap per epoch (smoke tests)")
+
+
+class PostprocessConfig(_Section):
+    """Probability threshold BT and minimum component area RT (pixels at `resolution`²).
+
+    With `search`, both are grid-searched on the best model's validation maps after training
+    and the optimum replaces these values for evaluate/predict; `threshold` is also the plain
+    threshold that per-epoch validation uses.
+    """
+
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    min_area: int = Field(0, ge=0)
+    resolution: int = Field(512, ge=1)
+    search: bool = True
+    objective: Literal["pooled_iou", "mean_dice"] = "pooled_iou"
+
+
+class TrackingConfig(_Section):
+    experiment: str = "ptxlab"
+    run_name: str | None = None
+    system_metrics: bool = True
+    overlays: int = Field(8, ge=0)
+
+
+class Config(_Section):
+    """Everything one training run does. The defaults are the CPU quick configuration
+    (experiments/default.yaml); experiments/paper.yaml is the published study's setup."""
+
+    seed: int = 42
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, the form logged as MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.batch_size=8` -> (["train", "batch_size"], 8); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.batch_size=8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({err.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict, refusing keys the schema does not know."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        section: type[BaseModel] = Config
+        for depth, part in enumerate(path):
+            dotted = ".".join(path[: depth + 1])
+            if part not in section.model_fields:
+                where = ".".join(path[:depth]) or "the top level"
+                raise ConfigError(
+                    f"unknown key {dotted!r}: {where} has {', '.join(section.model_fields)}"
+                )
+            if depth == len(path) - 1:
+                node[part] = value
+                break
+            annotation = section.model_fields[part].annotation
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ConfigError(f"key {dotted!r} is a value, not a section")
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+            section = annotation
+    return tree
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "literal_error":
+        allowed = first.get("ctx", {}).get("expected", "")
+        message = f"got {first.get('input')!r}, allowed: {allowed}"
+    return f"{source}: {key}: {message}"
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate. Errors are one line."""
+    source = str(path) if path else "defaults"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def render(config: Config, fmt: Literal["yaml", "json"] = "yaml") -> str:
+    if fmt == "json":
+        return json.dumps(config.model_dump(mode="json"), indent=2)
+    return config.to_yaml()

@@ -1,0 +1,71 @@
+"""torch Dataset over cases, and the stratified, seeded split into train/validation parts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ptxlab.augment import seed_transform
+from ptxlab.data.cases import Case
+
+PairLoader = Callable[[Case], tuple[np.ndarray, np.ndarray]]
+
+
+class SegmentationDataset(Dataset):
+    """Yields (uint8 image (1,H,W), uint8 mask (1,H,W), index).
+
+    Augmentation randomness is a pure function of (seed, epoch, index): results do not depend
+    on the number of loader workers, and a resumed run sees the same samples.
+    """
+
+    def __init__(self, cases: Sequence[Case], load: PairLoader, transform: A.Compose, seed: int):
+        self.cases = list(cases)
+        self.load = load
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int):
+        image, mask = self.load(self.cases[index])
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        seed_transform(self.transform, seed)
+        out = self.transform(image=image, mask=mask)
+        return (
+            torch.from_numpy(np.ascontiguousarray(out["image"]))[None],
+            torch.from_numpy(np.ascontiguousarray(out["mask"]))[None],
+            index,
+        )
+
+
+def stratified_split(
+    cases: Sequence[Case], val_fraction: float, seed: int, folds: int = 1, fold: int = 0
+) -> tuple[list[Case], list[Case]]:
+    """Split positives and negatives separately so both parts keep the positive rate.
+
+    folds == 1: a single split with round(val_fraction * n) of each class in validation.
+    folds > 1: k-fold; validation is fold `fold`, training the rest.
+    """
+    rng = np.random.default_rng(seed)
+    train: list[Case] = []
+    val: list[Case] = []
+    for label in (True, False):
+        group = sorted((c for c in cases if c.positive == label), key=lambda c: c.case_id)
+        order = rng.permutation(len(group))
+        if folds == 1:
+            n_val = round(len(group) * val_fraction)
+            in_val = set(order[:n_val].tolist())
+        else:
+            in_val = {i for rank, i in enumerate(order.tolist()) if rank % folds == fold}
+        for i, case in enumerate(group):
+            (val if i in in_val else train).append(case)
+    return sorted(train, key=lambda c: c.case_id), sorted(val, key=lambda c: c.case_id)

@@ -1,0 +1,243 @@
+"""One tracked run end to end: data -> split -> train -> post-processing search -> logged results.
+
+`run_experiment` is what `ptxlab run` and every sweep trial call. Training and evaluation know
+nothing of MLflow; this module wires them to `tracking`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ptxlab import plots, tracking
+from ptxlab.augment import build_eval_transform, build_train_transform, serialize
+from ptxlab.config import Config
+from ptxlab.data.cases import Case, DataError
+from ptxlab.data.dataset import SegmentationDataset, stratified_split
+from ptxlab.data.sources import SYNTHETIC, load_source, manifest_digest, pair_loader
+from ptxlab.inference import Predictions, load_trained_model, predict
+from ptxlab.metrics import MetricAccumulator
+from ptxlab.postprocess import PostProcessing, apply, save_probability_maps, search_threshold
+from ptxlab.train import (
+    NonFiniteLossError,
+    TrainingCallbacks,
+    load_checkpoint,
+    select_device,
+    train,
+)
+
+MODEL_ARTIFACT = "model/best.pt"
+POSTPROCESS_ARTIFACT = "model/postprocess.json"
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    experiment: str
+    best_epoch: int
+    stopped_by: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    postprocess: dict = field(default_factory=dict)
+
+
+@dataclass
+class PreparedData:
+    train: SegmentationDataset
+    val: SegmentationDataset
+    digest: str
+    skipped: list[tuple[Case, str]]
+
+
+def checkpoint_dir(run_id: str) -> Path:
+    """Local working copies of a run's checkpoints (what `--resume` continues from)."""
+    root = os.environ.get("PTXLAB_CHECKPOINTS") or tracking.local_store() / "checkpoints"
+    return Path(root) / run_id
+
+
+def prepare_data(config: Config, progress: bool = True) -> PreparedData:
+    """Cases of the configured source, split, cached at training size, wrapped as datasets."""
+    data = config.data
+    cases = load_source(data, data.source, data.layout, progress=progress)
+    load, skipped = pair_loader(data, cases, progress=progress)
+    if skipped and not data.skip_bad:
+        case, problem = skipped[0]
+        raise DataError(case.image, problem)
+    bad = {case.case_id for case, _ in skipped}
+    usable = [case for case in cases if case.case_id not in bad]
+    train_cases, val_cases = stratified_split(usable, data.val_fraction, config.seed,
+                                              data.folds, data.fold)
+    size = data.image_size
+    train_transform = build_train_transform(config.augment.preset, config.augment.strength, size)
+    return PreparedData(
+        train=SegmentationDataset(train_cases, load, train_transform, config.seed),
+        val=SegmentationDataset(val_cases, load, build_eval_transform(size), config.seed),
+        digest=manifest_digest(usable),
+        skipped=skipped,
+    )
+
+
+def _log_inputs(config: Config, config_text: str, data: PreparedData) -> None:
+    tracking.log_params(config.flat())
+    tracking.log_text(config_text, "config/config.yaml")
+    tracking.log_dict(serialize(data.train.transform), "config/augmentation.json")
+    split = {"train": [c.case_id for c in data.train.cases],
+             "val": [c.case_id for c in data.val.cases]}
+    tracking.log_dict(split, "data/split.json")
+    if data.skipped:
+        tracking.log_text("\n".join(f"{c.image}: {p}" for c, p in data.skipped), "data/skipped.txt")
+    tracking.log_metrics({"data_skipped": len(data.skipped)})
+    source = config.data.source
+    name = SYNTHETIC if source == SYNTHETIC else Path(source).name
+    for context, dataset in (("training", data.train), ("validation", data.val)):
+        rows = [{"case_id": c.case_id, "positive": int(c.positive), "site": c.site}
+                for c in dataset.cases]
+        tracking.log_dataset(rows, source, f"{name}-{context}", data.digest, context)
+
+
+def run_experiment(
+    config: Config,
+    config_text: str | None = None,
+    resume_run_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    extra_callbacks: TrainingCallbacks | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Train `config` in a (new or resumed) MLflow run and log everything about it."""
+    data = prepare_data(config, progress=progress)
+    with tracking.open_run(
+        config.tracking.experiment, config.tracking.run_name, run_id=resume_run_id,
+        parent_run_id=parent_run_id, tags=tags, system_metrics=config.tracking.system_metrics,
+    ) as run:
+        run_id = run.info.run_id
+        workdir = checkpoint_dir(run_id)
+        resume_from = None
+        if resume_run_id:
+            resume_from = workdir / "last.pt"
+            if not resume_from.exists():
+                raise FileNotFoundError(f"{resume_from}: no checkpoint to resume run {run_id}")
+        else:
+            _log_inputs(config, config_text or config.to_yaml(), data)
+        callbacks = _Callbacks(tracking.MlflowCallbacks(run_id, resumed=bool(resume_run_id)),
+                               extra_callbacks)
+        if resume_from is not None:
+            callbacks.tracker.replay(load_checkpoint(resume_from)["state"]["history"])
+        try:
+            result = train(config, data.train, data.val, workdir, callbacks, resume_from)
+        except NonFiniteLossError as error:
+            tracking.end_failed(run_id, f"non-finite loss: {error}")
+            raise
+        summary = RunSummary(run_id, config.tracking.experiment, result.best_epoch,
+                             result.stopped_by)
+        if result.best_epoch < 0:
+            return summary
+        tracking.set_tags({"ptxlab.stopped_by": result.stopped_by,
+                           "ptxlab.best_epoch": result.best_epoch})
+        figure = plots.learning_curves(result.history, result.best_epoch)
+        tracking.log_figure(figure, "plots/learning_curves.png")
+        plots.close(figure)
+        summary.metrics, summary.postprocess = _finalize(config, data, result.best_checkpoint,
+                                                          workdir, progress)
+        return summary
+
+
+class _Callbacks(TrainingCallbacks):
+    """MLflow logging first, then an optional extra listener (e.g. an Optuna pruner)."""
+
+    def __init__(self, tracker: tracking.MlflowCallbacks, extra: TrainingCallbacks | None):
+        self.tracker = tracker
+        self.listeners = [tracker] + ([extra] if extra else [])
+
+    def on_train_start(self, info: dict) -> None:
+        for listener in self.listeners:
+            listener.on_train_start(info)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        for listener in self.listeners:
+            listener.on_epoch_end(epoch, metrics)
+
+    def on_checkpoint(self, epoch: int, path: Path, is_best: bool) -> None:
+        for listener in self.listeners:
+            listener.on_checkpoint(epoch, path, is_best)
+
+
+def _finalize(config: Config, data: PreparedData, best_checkpoint: Path, workdir: Path,
+              progress: bool) -> tuple[dict[str, float], dict]:
+    """Best model on validation: store maps, choose post-processing, log metrics and figures."""
+    device = select_device(config.train.device)
+    model, _ = load_trained_model(best_checkpoint, device)
+    predictions = predict(model, data.val, device, config.train.batch_size, progress=progress)
+    maps_path = workdir / "val_probabilities.npz"
+    save_probability_maps(maps_path, predictions.ids, predictions.probs)
+    tracking.log_artifact(maps_path, "validation")
+
+    chosen = choose_postprocessing(config, predictions)
+    tracking.log_dict(chosen.to_dict(), POSTPROCESS_ARTIFACT)
+    tracking.log_params({f"chosen.postprocess.{k}": v for k, v in chosen.to_dict().items()})
+    metrics = score(predictions, chosen)
+    tracking.log_metrics({f"best_val_{key}": value for key, value in metrics.items()})
+
+    _log_overlays(config, data.val, predictions, chosen)
+    tracking.log_artifact(best_checkpoint, "model")
+    return metrics, chosen.to_dict()
+
+
+def choose_postprocessing(config: Config, predictions: Predictions) -> PostProcessing:
+    """The configured rule, or the grid-search optimum on validation maps (logged as a heatmap)."""
+    pp = config.postprocess
+    fixed = PostProcessing("threshold", threshold=pp.threshold, min_area=pp.min_area,
+                           resolution=pp.resolution)
+    if not pp.search:
+        return fixed
+    result = search_threshold(predictions.probs, predictions.truths, objective=pp.objective,
+                              resolution=pp.resolution)
+    thresholds = sorted({row["threshold"] for row in result.table})
+    areas = sorted({row["min_area"] for row in result.table})
+    table = np.full((len(thresholds), len(areas)), np.nan)
+    for row in result.table:
+        table[thresholds.index(row["threshold"]), areas.index(row["min_area"])] = row["score"]
+    best = (thresholds.index(result.best.threshold), areas.index(result.best.min_area))
+    figure = plots.heatmap(table, thresholds, areas, "threshold BT",
+                           f"min component area RT (px at {pp.resolution}²)",
+                           f"validation {pp.objective}", best)
+    tracking.log_figure(figure, "plots/postprocess_search.png")
+    plots.close(figure)
+    tracking.log_dict({"objective": result.objective, "best_score": result.best_score,
+                       "widenings": list(result.widenings), "table": result.table},
+                      "validation/postprocess_search.json")
+    return result.best
+
+
+def score(predictions: Predictions, pp: PostProcessing) -> dict[str, float]:
+    """The three metric families on post-processed masks."""
+    accumulator = MetricAccumulator()
+    masks = np.stack([apply(p, pp) for p in predictions.probs])
+    scores = (predictions.class_probs if predictions.class_probs is not None
+              else predictions.probs.reshape(len(masks), -1).max(axis=1) / 255.0)
+    accumulator.update(masks, predictions.truths, scores, ids=predictions.ids)
+    return accumulator.compute()
+
+
+def _log_overlays(config: Config, dataset: SegmentationDataset, predictions: Predictions,
+                  pp: PostProcessing) -> None:
+    count = config.tracking.overlays
+    if not count:
+        return
+    positives = [i for i, case in enumerate(dataset.cases) if case.positive]
+    negatives = [i for i, case in enumerate(dataset.cases) if not case.positive]
+    chosen = (positives[: count - count // 4] + negatives[: count // 4])[:count]
+    images = [dataset[i][0][0].numpy() for i in chosen]
+    figure = plots.overlay_grid(
+        images, [predictions.truths[i].astype(np.uint8) for i in chosen],
+        [apply(predictions.probs[i], pp) for i in chosen],
+        [dataset.cases[i].case_id for i in chosen])
+    tracking.log_figure(figure, "plots/validation_overlays.png")
+    plots.close(figure)
+
+
+def summary_json(summary: RunSummary) -> str:
+    return json.dumps(summary.__dict__, indent=2, default=float)

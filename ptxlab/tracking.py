@@ -1,0 +1,203 @@
+"""MLflow: where runs are stored, how a run is opened or resumed, and what gets logged.
+
+This and `sweep` are the only modules that import MLflow. The default store is
+`sqlite:///mlruns/mlflow.db` with artifacts in `mlruns/artifacts/`, relative to the working
+directory; `MLFLOW_TRACKING_URI` overrides it (e.g. a team server).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+import ptxlab
+from ptxlab.train import TrainingCallbacks
+
+STORE_DIR = "mlruns"
+for _noisy in ("alembic", "mlflow"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+
+def local_store() -> Path:
+    return Path.cwd() / STORE_DIR
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, or the local SQLite store under ./mlruns (created on demand)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    local_store().mkdir(exist_ok=True)
+    return f"sqlite:///{local_store() / 'mlflow.db'}"
+
+
+def configure() -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient()
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating it (artifacts under ./mlruns/artifacts for the local store)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        location = (local_store() / "artifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another worker created it between our lookup and create.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextmanager
+def open_run(
+    experiment: str,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    system_metrics: bool = True,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, with run_id, continue) a run; it ends FINISHED, or FAILED on an exception."""
+    client = configure()
+    experiment_id = ensure_experiment(client, experiment)
+    base_tags = {"ptxlab.version": ptxlab.__version__, "mlflow.source.git.commit": git_commit()}
+    mlflow.set_system_metrics_sampling_interval(5)
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else experiment_id,
+        run_name=run_name,
+        parent_run_id=parent_run_id,
+        nested=parent_run_id is not None,
+        tags={**base_tags, **(tags or {})},
+        log_system_metrics=system_metrics,
+    ) as run:
+        yield run
+
+
+def end_failed(run_id: str, reason: str) -> None:
+    """Record why a run failed; the run itself is ended FAILED by `open_run`."""
+    MlflowClient().set_tag(run_id, "ptxlab.failure", reason[:4000])
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Params are write-once in MLflow; on resume the same values are accepted, others skipped."""
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    fresh = {k: ("None" if v is None else v) for k, v in params.items() if k not in existing}
+    items = list(fresh.items())
+    for start in range(0, len(items), 100):
+        mlflow.log_params(dict(items[start : start + 100]))
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def log_dict(data: dict, artifact_file: str) -> None:
+    mlflow.log_dict(data, artifact_file)
+
+
+def log_figure(figure, artifact_file: str) -> None:
+    mlflow.log_figure(figure, artifact_file)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    finite = {k: float(v) for k, v in metrics.items() if v == v}  # NaN is not logged
+    mlflow.log_metrics(finite, step=step)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_dataset(manifest_rows: list[dict], source: str, name: str, digest: str, context: str):
+    """Register the data set as a run input (MLflow's dataset lineage) with a content digest."""
+    import pandas as pd
+
+    frame = pd.DataFrame(manifest_rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # schema hints about int columns
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest,
+                                          targets="positive")
+        mlflow.log_input(dataset, context=context)
+
+
+def download_artifact(run_id: str, artifact_path: str, dest: Path | None = None) -> Path:
+    """Fetch one artifact of a run to a local path."""
+    configure()
+    dest = dest or Path(tempfile.mkdtemp(prefix="ptxlab-"))
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                    dst_path=str(dest)))
+
+
+def get_run(run_id: str):
+    return configure().get_run(run_id)
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
+
+
+class MlflowCallbacks(TrainingCallbacks):
+    """Adapts the training loop's callbacks to MLflow; logs each epoch's metrics exactly once."""
+
+    def __init__(self, run_id: str, resumed: bool):
+        self.run_id = run_id
+        self.already_logged = logged_steps(run_id, "val_iou") if resumed else set()
+
+    def on_train_start(self, info: dict) -> None:
+        set_tags({f"ptxlab.{key}": value for key, value in info.items()})
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch in self.already_logged:
+            return
+        log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        self.already_logged.add(epoch)
+
+    def replay(self, history: list[dict[str, float]]) -> None:
+        """Log epochs a killed run finished but had not logged yet."""
+        for metrics in history:
+            self.on_epoch_end(int(metrics["epoch"]), metrics)
+
+
+def run_status(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.status
+
+
+def finished(run_id: str) -> bool:
+    return run_status(run_id) == RunStatus.to_string(RunStatus.FINISHED)
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str)
