@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ptxlab.config import Config
 from ptxlab.data.dataset import SegmentationDataset
-from ptxlab.model import InputNormalizer, build_model, split_output
+from ptxlab.model import build_model, split_output
 from ptxlab.postprocess import quantise
 
 TTA_MODES = ("none", "hflip")
@@ -44,7 +44,7 @@ def predict(model: torch.nn.Module, dataset: SegmentationDataset, device: torch.
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
     model.eval()
-    normalize = InputNormalizer().to(device)
+    normalize = model.normalize_input
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     probs, truths, class_probs = [], [], []
     for images, masks, _ in tqdm(loader, desc="predict", unit="batch", leave=False,

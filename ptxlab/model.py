@@ -14,6 +14,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def input_statistics(encoder: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std the encoder's pretrained weights expect (timm's config for `tu-` encoders)."""
+    if encoder.startswith("tu-"):
+        import timm
+
+        pretrained = timm.models.get_pretrained_cfg(encoder[3:])
+        if pretrained is not None:
+            return tuple(pretrained.mean), tuple(pretrained.std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 @dataclass
 class ModelOutput:
     mask_logits: torch.Tensor  # (N, 1, H, W)
@@ -22,6 +33,8 @@ class ModelOutput:
 
 def build_model(config: ModelConfig, *, load_weights: bool = True) -> tuple[nn.Module, str]:
     """The smp network with 3 input channels and one output mask; returns it and a weights note.
+
+    `network.normalize_input` turns uint8 grayscale batches into what the encoder expects.
 
     Encoder weights are loaded by `ptxlab.weights` (hub, local file or registered name), never
     by smp's constructor, so an offline machine fails fast with one clear message.
@@ -36,6 +49,7 @@ def build_model(config: ModelConfig, *, load_weights: bool = True) -> tuple[nn.M
         classes=1,
         aux_params=aux_params,
     )
+    network.normalize_input = InputNormalizer(config.encoder)
     weights_note = "random init"
     if load_weights and config.encoder_weights:
         from ptxlab.weights import apply_encoder_weights
@@ -53,15 +67,17 @@ def split_output(raw: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> Model
 
 
 class InputNormalizer(nn.Module):
-    """uint8 grayscale batches (N, 1, H, W) -> ImageNet-normalised float (N, 3, H, W).
+    """uint8 grayscale batches (N, 1, H, W) -> normalised float (N, 3, H, W) for `encoder`.
 
     Runs on the training device, so loaders move 1 byte per pixel instead of 12.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, encoder: str) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
+        mean, std = input_statistics(encoder)
+        mean = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float().expand(-1, 3, -1, -1) - self.mean) / self.std

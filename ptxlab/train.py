@@ -23,7 +23,7 @@ from ptxlab.config import Config
 from ptxlab.data.dataset import SegmentationDataset
 from ptxlab.losses import SegmentationLoss
 from ptxlab.metrics import MetricAccumulator
-from ptxlab.model import InputNormalizer, build_model, split_output
+from ptxlab.model import build_model, split_output
 from ptxlab.postprocess import foreground
 
 MONITOR = "val_iou"
@@ -139,7 +139,7 @@ def train(
 
     model, weights_note = build_model(config.model, load_weights=resume_from is None)
     model.to(device)
-    normalize = InputNormalizer().to(device)
+    normalize = model.normalize_input
     criterion = SegmentationLoss(config.loss)
     lr = effective_lr(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.optim.weight_decay)

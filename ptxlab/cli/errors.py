@@ -18,5 +18,5 @@ def fail_cleanly() -> Iterator[None]:
         yield
     except EXPECTED as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        Console(stderr=True, highlight=False).print(Text("error: ", style="bold red") + message)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(Text("error: ", style="bold red") + message)
         raise typer.Exit(2) from None

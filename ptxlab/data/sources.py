@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ptxlab.config import DataConfig
+from ptxlab.data.cache import ResizedCache, default_cache_dir
 from ptxlab.data.cases import Case
 from ptxlab.data.dataset import PairLoader
 from ptxlab.data.io import read_image, read_mask
+from ptxlab.data.layouts import load_cases
 from ptxlab.data.synthetic import SyntheticSpec, materialize
 
 SYNTHETIC = "synthetic"
 
 
 def cache_root(config: DataConfig) -> Path:
-    root = config.cache_dir or os.environ.get("PTXLAB_CACHE") or Path.home() / ".cache" / "ptxlab"
-    return Path(root).expanduser()
+    return Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
 
 
 def load_source(config: DataConfig, source: str, layout: str, progress: bool = True) -> list[Case]:
@@ -30,8 +30,6 @@ def load_source(config: DataConfig, source: str, layout: str, progress: bool = T
         spec = SyntheticSpec(synthetic.n_images, synthetic.positive_fraction, synthetic.size,
                              synthetic.seed)
         return materialize(spec, cache_root(config) / "synthetic", progress=progress)
-    from ptxlab.data.layouts import load_cases
-
     return load_cases(Path(source), layout, missing_mask_is_negative=config.missing_mask_is_negative)
 
 
@@ -46,8 +44,6 @@ def pair_loader(config: DataConfig, cases: Sequence[Case], progress: bool = True
     """A loader at training size (through the resized cache when enabled) and skipped cases."""
     if not config.cache:
         return read_pair, []
-    from ptxlab.data.cache import ResizedCache
-
     cache = ResizedCache(cache_root(config) / "resized", config.image_size)
     skipped = cache.ensure(cases, skip_bad=config.skip_bad, progress=progress)
     return cache.load, skipped

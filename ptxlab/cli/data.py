@@ -1,0 +1,151 @@
+"""`ptxlab data check` and `ptxlab data cache`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ptxlab.data.cases import DataError
+
+if TYPE_CHECKING:
+    from ptxlab.data.check import CheckReport
+
+app = typer.Typer(
+    help="Check a dataset folder as published, and build the resized training cache.",
+    no_args_is_help=True,
+)
+SHOWN_PROBLEMS = 50
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Bad data or an unwritable folder: `error: <file>: <problem>` on stderr, exit 2."""
+    try:
+        yield
+    except (DataError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+PathArg = Annotated[
+    Path,
+    typer.Argument(help="Dataset folder, in one of the published layouts.", show_default=False),
+]
+LayoutOption = Annotated[
+    str, typer.Option("--layout", help="auto, siim-png, siim-dicom, ptx498 or folder.")
+]
+MissingMaskOption = Annotated[
+    bool,
+    typer.Option(
+        "--missing-mask-is-negative", help="Treat an image without a mask file as negative."
+    ),
+]
+RleCsvOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--rle-csv",
+        help="siim-dicom: the label CSV, if not stage_2_train.csv or train-rle.csv.",
+        show_default=False,
+    ),
+]
+
+
+@app.command("check")
+def check(
+    path: PathArg,
+    layout: LayoutOption = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    missing_mask_is_negative: MissingMaskOption = False,
+    rle_csv: RleCsvOption = None,
+) -> None:
+    """Read every image and mask; exit 0 only if nothing is wrong (1: problems, 2: unusable)."""
+    from ptxlab.data.check import check_dataset
+
+    with _one_line_errors():
+        report = check_dataset(
+            path,
+            layout,
+            missing_mask_is_negative=missing_mask_is_negative,
+            progress=sys.stderr.isatty(),
+            rle_csv=rle_csv,
+        )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        _print_report(report)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command("cache")
+def cache(
+    path: PathArg,
+    size: Annotated[int, typer.Option("--size", min=1, help="Side of the square cached images.")],
+    layout: LayoutOption = "auto",
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            help="ptxlab cache folder (default: $PTXLAB_CACHE, else "
+            "~/.cache/ptxlab); entries go to its resized/ subfolder, where training "
+            "looks for them.",
+            show_default=False,
+        ),
+    ] = None,
+    missing_mask_is_negative: MissingMaskOption = False,
+    rle_csv: RleCsvOption = None,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Skip unreadable cases (listed on stderr).")
+    ] = False,
+) -> None:
+    """Decode and resize every case once, so training loads small arrays instead."""
+    from ptxlab.data.cache import ResizedCache, default_cache_dir
+    from ptxlab.data.layouts import load_cases, scan_layout
+
+    options = {"missing_mask_is_negative": missing_mask_is_negative, "rle_csv": rle_csv}
+    with _one_line_errors():
+        if skip_bad:
+            scan = scan_layout(path, layout, **options)
+            cases, skipped = scan.cases, [str(problem) for problem in scan.problems]
+        else:
+            cases, skipped = load_cases(path, layout, **options), []
+        resized = ResizedCache((cache_dir or default_cache_dir()) / "resized", size)
+        skipped_cases = resized.ensure(cases, skip_bad=skip_bad, progress=sys.stderr.isatty())
+    for problem in skipped + [problem for _, problem in skipped_cases]:
+        typer.echo(f"skipped: {problem}", err=True)
+    cached = len(cases) - len(skipped_cases)
+    typer.echo(f"{cached} cases cached at {size}x{size} in {resized.cache_root}")
+
+
+def _print_report(report: CheckReport) -> None:
+    console = Console(highlight=False)
+    summary = Table(title=f"{report.root} ({report.layout})", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_row("images", str(report.n_images))
+    summary.add_row("positive", str(report.n_positive))
+    summary.add_row("negative", str(report.n_negative))
+    summary.add_row("mask pixels", f"{report.mask_pixels:,}")
+    for size, count in report.image_sizes.items():
+        summary.add_row(f"size {size}", str(count))
+    console.print(summary)
+    sites = Table("site", "images", "positive", "negative")
+    for site, counts in report.sites.items():
+        sites.add_row(site, *(str(counts[key]) for key in ("images", "positive", "negative")))
+    console.print(sites)
+    if report.ok:
+        console.print("[green]no problems[/green]")
+        return
+    problems = Table("file", "problem", title=f"{len(report.problems)} problems")
+    for problem in report.problems[:SHOWN_PROBLEMS]:
+        problems.add_row(problem.file, problem.reason)
+    console.print(problems)
+    if len(report.problems) > SHOWN_PROBLEMS:
+        console.print(f"... and {len(report.problems) - SHOWN_PROBLEMS} more (use --json)")

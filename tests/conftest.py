@@ -1,0 +1,41 @@
+"""Shared pytest fixtures."""
+
+from pathlib import Path
+
+import pytest
+
+SIIM_SAMPLE = Path(__file__).parents[1].parent / "shared/data/siim-sample"
+
+
+@pytest.fixture(scope="session")
+def siim_sample() -> Path:
+    """The real 72-image SIIM-ACR sample (read-only; see its SOURCE.md)."""
+    if not (SIIM_SAMPLE / "labels.csv").is_file():
+        pytest.skip(f"real SIIM sample not found at {SIIM_SAMPLE}")
+    return SIIM_SAMPLE
+
+
+# A training configuration small enough for a test: 64² synthetic phantoms, a Lite0 encoder
+# with random weights and a narrow decoder, two short epochs.
+TINY_RUN = [
+    "data.synthetic.n_images=24",
+    "data.synthetic.size=64",
+    "data.image_size=64",
+    "model.encoder_weights=null",
+    "model.decoder_channels=[16,16,16,16,16]",
+    "train.epochs=2",
+    "train.batch_size=4",
+    "tracking.system_metrics=false",
+    "tracking.overlays=2",
+]
+
+
+@pytest.fixture
+def isolated_store(tmp_path, monkeypatch) -> Path:
+    """MLflow store, caches and checkpoints inside tmp_path; the working directory too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PTXLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PTXLAB_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("PTXLAB_PROGRESS", "0")
+    return tmp_path
