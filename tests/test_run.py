@@ -1,0 +1,87 @@
+"""A tiny real training run end to end, through the CLI, into an MLflow store."""
+
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from ptxlab.cli import app
+from ptxlab.config import load_config
+from ptxlab.experiment import run_experiment
+from ptxlab.train import NonFiniteLossError
+from tests.conftest import TINY_RUN
+
+runner = CliRunner()
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+@pytest.mark.slow
+def test_run_logs_a_complete_mlflow_run(isolated_store):
+    args = ["run"] + [arg for override in TINY_RUN for arg in ("--set", override)]
+    result = runner.invoke(app, args + ["--set", "tracking.experiment=tiny"])
+    assert result.exit_code == 0, result.output
+    run_id = result.output.split("run id: ")[1].split()[0]
+    assert "best validation Dice" in result.output
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "tiny"
+    params = run.data.params
+    assert params["train.batch_size"] == "4" and params["data.image_size"] == "64"
+    assert params["model.encoder"] == "tu-tf_efficientnet_lite0"
+    assert "chosen.postprocess.threshold" in params
+    for key in ("train_loss", "val_loss", "val_iou", "val_dice", "lr", "images_per_s"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1], key
+    assert 0.0 <= run.data.metrics["best_val_pooled_dice"] <= 1.0
+    tags = run.data.tags
+    assert tags["ptxlab.device"] == "cpu" and tags["ptxlab.version"]
+    assert "mlflow.source.git.commit" in tags
+
+    artifacts = _artifacts(client, run_id)
+    assert {
+        "config/config.yaml", "config/augmentation.json", "data/split.json",
+        "plots/learning_curves.png", "plots/validation_overlays.png",
+        "plots/postprocess_search.png", "model/best.pt", "model/postprocess.json",
+        "validation/val_probabilities.npz",
+    } <= artifacts
+    split_path = client.download_artifacts(run_id, "data/split.json", str(isolated_store))
+    split = json.loads(open(split_path).read())
+    assert len(split["train"]) + len(split["val"]) == 24
+    assert not set(split["train"]) & set(split["val"])
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {
+        "synthetic-training", "synthetic-validation"}
+
+
+@pytest.mark.slow
+def test_non_finite_loss_fails_the_run_with_a_reason(isolated_store):
+    config = load_config(None, TINY_RUN + ["optim.lr=1e30", "train.epochs=3"])
+    with pytest.raises(NonFiniteLossError):
+        run_experiment(config, progress=False)
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("ptxlab").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "non-finite loss" in run.data.tags["ptxlab.failure"]
+
+
+def test_untrained_network_scores_near_zero_dice(isolated_store):
+    """The synthetic task is not trivial: a random network's masks barely overlap the truth."""
+    from ptxlab.experiment import prepare_data, score
+    from ptxlab.inference import predict
+    from ptxlab.model import build_model
+    from ptxlab.postprocess import PostProcessing
+
+    config = load_config(None, TINY_RUN)
+    data = prepare_data(config, progress=False)
+    torch.manual_seed(0)
+    model, _ = build_model(config.model)
+    predictions = predict(model, data.val, torch.device("cpu"), progress=False)
+    assert score(predictions, PostProcessing())["pooled_dice"] < 0.2
