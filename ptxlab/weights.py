@@ -8,7 +8,7 @@
   are they downloaded (and cached). Otherwise one `WeightsError` says how to provide a file.
   Setting ``HF_HUB_OFFLINE=1`` skips the probe.
 * a registered name (`REGISTERED`), e.g. ``lite0-imagenet``, made by ``ptxlab weights
-  import-lite0`` and stored in `weights_dir()`: ``$PTXLAB_HOME/weights`` or
+  import-lite0`` (or on first use) and stored in `weights_dir()`: ``$PTXLAB_CACHE/weights`` or
   ``~/.cache/ptxlab/weights``.
 * a path to a ``.safetensors`` or torch (``.pt``/``.pth``/``.bin``) state dict, keyed like the
   smp encoder (bare), like a whole smp model (``encoder.`` prefix; other keys ignored), or, for
@@ -20,7 +20,6 @@ Loading is strict: any missing, unexpected or mis-shaped key fails with one line
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 from segmentation_models_pytorch.encoders import encoders as smp_encoders
 from torch import nn
+
+from ptxlab.data.cache import default_cache_dir
 
 LITE0_ARCHITECTURE = "tf_efficientnet_lite0"
 
@@ -60,9 +61,8 @@ REGISTERED: dict[str, RegisteredWeights] = {
 
 
 def weights_dir() -> Path:
-    """Where imported weights live: $PTXLAB_HOME/weights, else ~/.cache/ptxlab/weights."""
-    home = os.environ.get("PTXLAB_HOME")
-    return Path(home) / "weights" if home else Path.home() / ".cache" / "ptxlab" / "weights"
+    """Where imported weights live: $PTXLAB_CACHE/weights, else ~/.cache/ptxlab/weights."""
+    return default_cache_dir() / "weights"
 
 
 def apply_encoder_weights(model: nn.Module, encoder_name: str, spec: str | None) -> str:
@@ -150,7 +150,11 @@ def _registered_file(name: str, encoder_name: str) -> Path:
         )
     path = weights_dir() / entry.filename
     if not path.is_file():
-        raise WeightsError(f"{path}: not found; create it with `{entry.command}`")
+        # Made offline from an installed package: convert on first use.
+        try:
+            import_lite0(path.parent)
+        except ImportError:
+            raise WeightsError(f"{path}: not found; create it with `{entry.command}`") from None
     return path
 
 

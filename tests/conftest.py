@@ -1,5 +1,6 @@
 """Shared pytest fixtures."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,14 @@ def isolated_store(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("PTXLAB_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("PTXLAB_PROGRESS", "0")
     return tmp_path
+
+
+def service_unavailable(reason: str) -> None:
+    """Skip a test whose service (PostgreSQL, a browser, ...) is absent, e.g. on a laptop.
+
+    Under CI (`PTXLAB_REQUIRE_SERVICES=1`, set by .ci/run) the same condition fails instead,
+    so tests that need a service really run there.
+    """
+    if os.environ.get("PTXLAB_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"required service unavailable: {reason}", pytrace=False)
+    pytest.skip(reason)

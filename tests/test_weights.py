@@ -22,7 +22,7 @@ CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 
 @pytest.fixture(scope="module")
 def lite0_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A PTXLAB_HOME holding the converted weights (converted once per module)."""
+    """A PTXLAB_CACHE holding the converted weights (converted once per module)."""
     home = tmp_path_factory.mktemp("ptxlab_home")
     import_lite0(home / "weights")
     return home
@@ -30,11 +30,11 @@ def lite0_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No network, an empty hub cache and an empty PTXLAB_HOME; returns the hub cache dir."""
+    """No network, an empty hub cache and an empty PTXLAB_CACHE; returns the hub cache dir."""
     cache = tmp_path / "hf_hub"
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("PTXLAB_HOME", str(tmp_path / "empty_home"))
+    monkeypatch.setenv("PTXLAB_CACHE", str(tmp_path / "empty_home"))
     monkeypatch.setenv("HOME", str(tmp_path))
     return cache
 
@@ -69,7 +69,7 @@ def test_converted_lite0_classifies_a_cat(lite0_home: Path) -> None:
 def test_registered_name_loads_every_encoder_tensor(
     lite0_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PTXLAB_HOME", str(lite0_home))
+    monkeypatch.setenv("PTXLAB_CACHE", str(lite0_home))
     model = _unet()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -81,11 +81,13 @@ def test_registered_name_loads_every_encoder_tensor(
         assert not torch.allclose(model(x), before, atol=1e-3)
 
 
-def test_registered_name_needs_its_encoder_and_its_file(offline: Path) -> None:
+def test_registered_name_needs_its_encoder_and_is_converted_on_first_use(offline: Path) -> None:
     with pytest.raises(WeightsError, match="holds tu-tf_efficientnet_lite0 weights"):
         apply_encoder_weights(_unet("tu-resnet18"), "tu-resnet18", "lite0-imagenet")
-    with pytest.raises(WeightsError, match="ptxlab weights import-lite0"):
-        apply_encoder_weights(_unet(), LITE0, "lite0-imagenet")
+    converted = offline.parent / "empty_home" / "weights" / "tf_efficientnet_lite0.imagenet.safetensors"
+    assert not converted.exists()
+    note = apply_encoder_weights(_unet(), LITE0, "lite0-imagenet")
+    assert converted.is_file() and str(converted) in note
 
 
 @pytest.mark.parametrize("layout", ["encoder.pt", "smp_model.pth", "encoder.safetensors"])
@@ -121,7 +123,7 @@ def test_imagenet_prefers_the_hub_cache(lite0_home: Path, offline: Path) -> None
 def test_imagenet_falls_back_to_the_imported_lite0(
     lite0_home: Path, offline: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PTXLAB_HOME", str(lite0_home))
+    monkeypatch.setenv("PTXLAB_CACHE", str(lite0_home))
     model = _unet()
     assert apply_encoder_weights(model, LITE0, "imagenet").startswith(
         "imagenet (imported lite0-imagenet:"

@@ -17,7 +17,7 @@ def import_lite0(
     dest: Annotated[
         Path | None,
         typer.Option(
-            help="Folder to write to (default: $PTXLAB_HOME/weights or "
+            help="Folder to write to (default: $PTXLAB_CACHE/weights or "
             "~/.cache/ptxlab/weights, where configs find it by name)."
         ),
     ] = None,
