@@ -32,6 +32,7 @@ from ptxlab.train import (
 
 MODEL_ARTIFACT = "model/best.pt"
 POSTPROCESS_ARTIFACT = "model/postprocess.json"
+RESOLVED_CONFIG_ARTIFACT = "config/config.yaml"  # defaults + file + overrides
 
 
 @dataclass
@@ -80,9 +81,11 @@ def prepare_data(config: Config, progress: bool = True) -> PreparedData:
     )
 
 
-def _log_inputs(config: Config, config_text: str, data: PreparedData) -> None:
+def _log_inputs(config: Config, config_text: str | None, data: PreparedData) -> None:
     tracking.log_params(config.flat())
-    tracking.log_text(config_text, "config/config.yaml")
+    tracking.log_text(config.to_yaml(), RESOLVED_CONFIG_ARTIFACT)
+    if config_text:
+        tracking.log_text(config_text, "config/source.yaml")
     tracking.log_dict(serialize(data.train.transform), "config/augmentation.json")
     split = {"train": [c.case_id for c in data.train.cases],
              "val": [c.case_id for c in data.val.cases]}
@@ -121,7 +124,7 @@ def run_experiment(
             if not resume_from.exists():
                 raise FileNotFoundError(f"{resume_from}: no checkpoint to resume run {run_id}")
         else:
-            _log_inputs(config, config_text or config.to_yaml(), data)
+            _log_inputs(config, config_text, data)
         callbacks = _Callbacks(tracking.MlflowCallbacks(run_id, resumed=bool(resume_run_id)),
                                extra_callbacks)
         if resume_from is not None:

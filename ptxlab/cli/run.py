@@ -39,12 +39,16 @@ def run(
     with fail_cleanly():
         from ptxlab.experiment import run_experiment
 
-        resolved = load_config(config, overrides or [])
         if resume:
             from ptxlab import tracking
+            from ptxlab.experiment import RESOLVED_CONFIG_ARTIFACT
 
-            logged = tracking.download_artifact(resume, "config/config.yaml")
-            resolved = load_config(logged, overrides or [])
+            if config or overrides:
+                raise ValueError("--resume continues a run with its own logged config; "
+                                 "drop CONFIG and --set")
+            resolved = load_config(tracking.download_artifact(resume, RESOLVED_CONFIG_ARTIFACT))
+        else:
+            resolved = load_config(config, overrides or [])
         summary = run_experiment(resolved, config.read_text() if config else None,
                                  resume_run_id=resume)
     metrics = summary.metrics
