@@ -56,9 +56,18 @@ class ModelConfig(_Section):
     encoder_weights: str | None = "lite0-imagenet"
     decoder_channels: list[int] = Field([128, 64, 32, 16, 8], min_length=1, max_length=5)
     classification_head: bool = False
+    gate: Literal["none", "head", "area"] = Field(
+        "none", description="image-level decision that can empty a mask; searched on validation")
     freeze_encoder_epochs: int = Field(0, ge=0)
     channels_last: bool = False
     compile: bool = False
+
+
+    @model_validator(mode="after")
+    def _head_gate_needs_head(self) -> ModelConfig:
+        if self.gate == "head" and not self.classification_head:
+            raise ValueError("model.gate=head needs model.classification_head=true")
+        return self
 
 
 class AugmentConfig(_Section):

@@ -21,7 +21,14 @@ from ptxlab.data.dataset import SegmentationDataset, stratified_split
 from ptxlab.data.sources import SYNTHETIC, load_source, manifest_digest, pair_loader
 from ptxlab.inference import Predictions, load_trained_model, predict
 from ptxlab.metrics import MetricAccumulator
-from ptxlab.postprocess import PostProcessing, apply, save_probability_maps, search_threshold
+from ptxlab.postprocess import (
+    PostProcessing,
+    SearchResult,
+    apply,
+    save_probability_maps,
+    search_gate,
+    search_threshold,
+)
 from ptxlab.train import (
     NonFiniteLossError,
     TrainingCallbacks,
@@ -198,6 +205,17 @@ def choose_postprocessing(config: Config, predictions: Predictions) -> PostProce
         return fixed
     result = search_threshold(predictions.probs, predictions.truths, objective=pp.objective,
                               resolution=pp.resolution)
+    _log_search(result, pp.resolution, pp.objective)
+    if config.model.gate == "none":
+        return result.best
+    gated = search_gate(predictions.probs, predictions.truths, result.best, config.model.gate,
+                        predictions.class_probs, objective=pp.objective)
+    tracking.log_dict(_search_record(gated), "validation/gate_search.json")
+    return gated.best
+
+
+def _log_search(result: SearchResult, resolution: int, objective: str) -> None:
+    """The BT x RT score table as a heatmap and as JSON."""
     thresholds = sorted({row["threshold"] for row in result.table})
     areas = sorted({row["min_area"] for row in result.table})
     table = np.full((len(thresholds), len(areas)), np.nan)
@@ -205,21 +223,26 @@ def choose_postprocessing(config: Config, predictions: Predictions) -> PostProce
         table[thresholds.index(row["threshold"]), areas.index(row["min_area"])] = row["score"]
     best = (thresholds.index(result.best.threshold), areas.index(result.best.min_area))
     figure = plots.heatmap(table, thresholds, areas, "threshold BT",
-                           f"min component area RT (px at {pp.resolution}²)",
-                           f"validation {pp.objective}", best)
+                           f"min component area RT (px at {resolution}²)",
+                           f"validation {objective}", best)
     tracking.log_figure(figure, "plots/postprocess_search.png")
     plots.close(figure)
-    tracking.log_dict({"objective": result.objective, "best_score": result.best_score,
-                       "widenings": list(result.widenings), "table": result.table},
-                      "validation/postprocess_search.json")
-    return result.best
+    tracking.log_dict(_search_record(result), "validation/postprocess_search.json")
+
+
+def _search_record(result: SearchResult) -> dict:
+    return {"objective": result.objective, "best_score": result.best_score,
+            "best": result.best.to_dict(), "widenings": list(result.widenings),
+            "table": result.table}
 
 
 def score(predictions: Predictions, pp: PostProcessing) -> dict[str, float]:
     """The three metric families on post-processed masks."""
     accumulator = MetricAccumulator()
-    masks = np.stack([apply(p, pp) for p in predictions.probs])
-    scores = (predictions.class_probs if predictions.class_probs is not None
+    head = predictions.class_probs
+    masks = np.stack([apply(p, pp, None if head is None else head[i])
+                      for i, p in enumerate(predictions.probs)])
+    scores = (head if head is not None
               else predictions.probs.reshape(len(masks), -1).max(axis=1) / 255.0)
     accumulator.update(masks, predictions.truths, scores, ids=predictions.ids)
     return accumulator.compute()
@@ -236,7 +259,8 @@ def _log_overlays(config: Config, dataset: SegmentationDataset, predictions: Pre
     images = [dataset[i][0][0].numpy() for i in chosen]
     figure = plots.overlay_grid(
         images, [predictions.truths[i].astype(np.uint8) for i in chosen],
-        [apply(predictions.probs[i], pp) for i in chosen],
+        [apply(predictions.probs[i], pp, None if predictions.class_probs is None
+               else predictions.class_probs[i]) for i in chosen],
         [dataset.cases[i].case_id for i in chosen])
     tracking.log_figure(figure, "plots/validation_overlays.png")
     plots.close(figure)

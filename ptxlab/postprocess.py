@@ -47,6 +47,7 @@ import numpy as np
 from ptxlab.metrics import dice_from_counts, iou_from_counts
 
 KINDS = ("threshold", "triplet")
+GATES = ("none", "head", "area")
 OBJECTIVES = ("pooled_iou", "mean_dice")
 
 # The study's grid: BT 0.05..0.5 in steps of 0.05; RT in pixels at 512 x 512 (0 = keep all),
@@ -73,10 +74,17 @@ class PostProcessing:
     min_top_area: int = 0
     bottom_threshold: float = 0.5
     resolution: int = 512
+    gate: str = "none"
+    gate_threshold: float = 0.0
+    gate_min_area: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if not 0.0 <= self.gate_threshold < 1.0 or self.gate_min_area < 0:
+            raise ValueError("gate_threshold must be in [0, 1) and gate_min_area >= 0")
         for name in ("threshold", "top_threshold", "bottom_threshold"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -88,6 +96,8 @@ class PostProcessing:
         fields = ("threshold", "min_area")
         if self.kind == "triplet":
             fields = ("top_threshold", "min_top_area", "bottom_threshold")
+        fields += {"none": (), "head": ("gate", "gate_threshold"),
+                   "area": ("gate", "gate_min_area")}[self.gate]
         values = asdict(self)
         return {"kind": self.kind, **{f: values[f] for f in fields}, "resolution": self.resolution}
 
@@ -124,11 +134,29 @@ def scaled_area(area: float, shape: tuple[int, ...], resolution: int) -> float:
     return area * shape[-2] * shape[-1] / resolution**2
 
 
-def apply(probs: np.ndarray, pp: PostProcessing) -> np.ndarray:
-    """The (H, W) uint8 0/1 mask that ``pp`` makes of one (H, W) probability map."""
+def apply(probs: np.ndarray, pp: PostProcessing, head_prob: float | None = None) -> np.ndarray:
+    """The (H, W) uint8 0/1 mask that ``pp`` makes of one (H, W) probability map.
+
+    With ``pp.gate == "head"`` the image's classification-head probability is required: the
+    mask is emptied when it is below ``gate_threshold``. With ``"area"`` the mask is emptied
+    when its total area is below ``gate_min_area`` (at ``resolution``).
+    """
     probs = np.asarray(probs)
     if probs.ndim != 2:
         raise ValueError(f"apply takes one (H, W) map, got shape {probs.shape}")
+    if pp.gate == "head":
+        if head_prob is None:
+            raise ValueError("gate 'head' needs the classification head's probability")
+        if head_prob < pp.gate_threshold:
+            return np.zeros(probs.shape, dtype=np.uint8)
+    mask = _mask(probs, pp)
+    if pp.gate == "area" and mask.sum() < scaled_area(pp.gate_min_area, probs.shape,
+                                                      pp.resolution):
+        return np.zeros(probs.shape, dtype=np.uint8)
+    return mask
+
+
+def _mask(probs: np.ndarray, pp: PostProcessing) -> np.ndarray:
     if pp.kind == "triplet":
         top_area = np.count_nonzero(foreground(probs, pp.top_threshold))
         if top_area < scaled_area(pp.min_top_area, probs.shape, pp.resolution):
@@ -406,6 +434,59 @@ def search_triplet(
         resolution,
         widen,
         max_widenings,
+    )
+
+
+DEFAULT_GATE_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_GATE_MIN_AREAS = (0, 256, 512, 1024, 2048, 4096)
+
+
+def search_gate(
+    probs: np.ndarray,
+    truths: np.ndarray,
+    pp: PostProcessing,
+    gate: str,
+    head_probs: np.ndarray | None = None,
+    objective: str = "pooled_iou",
+    widen: bool = True,
+) -> SearchResult:
+    """Best image-level gate on top of an already chosen rule ``pp`` (whose masks are fixed).
+
+    ``head``: empty the mask when the classification head's probability < t (t = 0: no gate).
+    ``area``: empty the mask when its total area < A pixels at ``pp.resolution`` (A = 0: none).
+    """
+    probs, truths = _check_maps(probs, truths, objective)
+    if gate not in ("head", "area"):
+        raise ValueError(f"gate must be 'head' or 'area', got {gate!r}")
+    if gate == "head" and (head_probs is None or len(head_probs) != len(probs)):
+        raise ValueError("gate 'head' needs one classification-head probability per image")
+    masks = np.stack([_mask(p, pp) for p in probs]).reshape(len(probs), -1).astype(bool)
+    flat_truths = truths.reshape(len(truths), -1)
+    tp = np.count_nonzero(masks & flat_truths, axis=1)
+    pred_area = np.count_nonzero(masks, axis=1)
+    truth_area = np.count_nonzero(flat_truths, axis=1)
+    name = "gate_threshold" if gate == "head" else "gate_min_area"
+
+    def score_grid(grid: dict[str, np.ndarray]) -> np.ndarray:
+        values = grid[name]
+        if gate == "head":
+            keep = np.asarray(head_probs)[None, :] >= values[:, None]
+        else:
+            pixels = np.array([scaled_area(a, probs.shape, pp.resolution) for a in values])
+            keep = pred_area[None, :] >= pixels[:, None]
+        return _objective_scores(objective, tp * keep, pred_area * keep, truth_area)
+
+    values = DEFAULT_GATE_THRESHOLDS if gate == "head" else DEFAULT_GATE_MIN_AREAS
+    base = {k: v for k, v in asdict(pp).items() if not k.startswith("gate")}
+    return _grid_search(
+        {name: values},
+        {"gate_min_area"},
+        score_grid,
+        lambda p: PostProcessing(**base, gate=gate, **{name: type(getattr(pp, name))(p[name])}),
+        objective,
+        pp.resolution,
+        widen,
+        max_widenings=3,
     )
 
 

@@ -26,6 +26,8 @@ import ptxlab
 from ptxlab.train import TrainingCallbacks
 
 STORE_DIR = "mlruns"
+# MLflow draws a progress bar on stderr for every artifact download, even of one small file.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 for _noisy in ("alembic", "mlflow"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 

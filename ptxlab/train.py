@@ -192,12 +192,12 @@ def train(
         for parameter in model.encoder.parameters():
             parameter.requires_grad_(not freeze)
 
-        train_loss, images_per_s, state.global_step = _train_epoch(
+        train_terms, images_per_s, state.global_step = _train_epoch(
             forward, normalize, criterion, optimizer, scaler, train_loader, device, autocast,
             config, state.global_step, total_steps, lr, batches_per_epoch,
             desc=f"epoch {epoch + 1}/{epochs}",
         )
-        metrics = {"train_loss": train_loss, "images_per_s": images_per_s,
+        metrics = {**train_terms, "images_per_s": images_per_s,
                    "lr": optimizer.param_groups[0]["lr"]}
         metrics.update(evaluate_loader(forward, normalize, criterion, val_loader, device, autocast,
                                        threshold=config.postprocess.threshold))
@@ -235,11 +235,15 @@ def train(
 
 def _train_epoch(model, normalize, criterion, optimizer, scaler, loader, device, autocast,
                  config: Config, global_step: int, total_steps: int, lr: float,
-                 batches_per_epoch: int, desc: str) -> tuple[float, float, int]:
-    """One pass over the training loader; returns (mean loss, images/s, global step)."""
+                 batches_per_epoch: int, desc: str) -> tuple[dict[str, float], float, int]:
+    """One pass over the training loader; returns (mean loss and its terms, images/s, step).
+
+    The terms are named train_loss, train_bce, train_dice (and train_classification).
+    """
     model.train()
     accumulate = config.train.accumulate
-    loss_sum, n_images, started = 0.0, 0, time.perf_counter()
+    sums: dict[str, float] = {}
+    n_images, started = 0, time.perf_counter()
     progress = tqdm(total=batches_per_epoch, desc=desc, unit="batch", leave=False,
                     disable=not os.environ.get("PTXLAB_PROGRESS", "1") == "1")
     optimizer.zero_grad(set_to_none=True)
@@ -252,7 +256,7 @@ def _train_epoch(model, normalize, criterion, optimizer, scaler, loader, device,
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
             output = split_output(model(normalize(images)))
-            loss, _ = criterion(output, masks)
+            loss, terms = criterion(output, masks)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"loss is {loss.item()} at optimizer step {global_step}")
         scaler.scale(loss / accumulate).backward()
@@ -264,13 +268,16 @@ def _train_epoch(model, normalize, criterion, optimizer, scaler, loader, device,
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
-        loss_sum += loss.item() * images.shape[0]
         n_images += images.shape[0]
+        for name, value in {"loss": loss, **terms}.items():
+            sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + value.item() * len(images)
         elapsed = time.perf_counter() - started
-        progress.set_postfix(loss=f"{loss_sum / n_images:.4f}", img_s=f"{n_images / elapsed:.1f}")
+        progress.set_postfix(loss=f"{sums['train_loss'] / n_images:.4f}",
+                             img_s=f"{n_images / elapsed:.1f}")
         progress.update()
     progress.close()
-    return loss_sum / max(n_images, 1), n_images / (time.perf_counter() - started), global_step
+    means = {name: total / max(n_images, 1) for name, total in sums.items()}
+    return means, n_images / (time.perf_counter() - started), global_step
 
 
 @torch.no_grad()

@@ -29,3 +29,7 @@ from ptxlab.cli import evaluate as _evaluate  # noqa: E402
 
 app.command("evaluate")(_evaluate.evaluate)
 app.command("predict")(_evaluate.predict)
+from ptxlab.cli import sweep as _sweep  # noqa: E402
+
+app.command("sweep")(_sweep.sweep)
+app.command("report")(_sweep.report)

@@ -68,8 +68,8 @@ def evaluate(
 
 def _metrics_table(evaluation: Evaluation) -> Table:
     columns = {"all": evaluation.metrics, **evaluation.per_site}
-    table = Table(title=f"{evaluation.name}: run {evaluation.run_id} (tta {evaluation.tta}, "
-                        f"post-processing {evaluation.postprocess})")
+    table = Table(title=f"{evaluation.name} (run {evaluation.run_id})",
+                  caption=f"tta {evaluation.tta}; post-processing {evaluation.postprocess}")
     table.add_column("metric")
     for column in columns:
         table.add_column(column, justify="right")

@@ -1,0 +1,225 @@
+"""A logged run's model applied at each image's native resolution, and `ptxlab predict`'s files.
+
+`load_run` fetches a run's `model/best.pt` and `model/postprocess.json` from MLflow.
+`predict_native` streams cases one batch at a time: each image is brought to the run's input
+size exactly as training saw it (INTER_AREA through the resized cache when `data.cache` was on,
+the evaluation transform's resize otherwise), predicted, and its uint8 probability map is resized
+back to the image's own size with INTER_LINEAR; the run's post-processing then runs on that map,
+so its areas scale with the image (`PostProcessing.resolution`). Only the current batch is held.
+
+The image score is the classification head's probability when the model has one, else the
+highest pixel probability of the model-resolution map (as in validation); an image is called
+positive when its post-processed mask is non-empty.
+
+`predict_files` writes, per input, `<stem>_mask.png` (0/255, native size), optionally
+`<stem>_overlay.png` (prediction outlined in red), and one `predictions.csv`. Everything goes to
+a hidden staging folder first and is moved into place only when every input succeeded, so a bad
+input leaves no output at all. Only pixels are written: no DICOM tag reaches an output.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ptxlab import tracking
+from ptxlab.augment import build_eval_transform
+from ptxlab.config import Config
+from ptxlab.data.cache import resize_image
+from ptxlab.data.cases import Case, DataError
+from ptxlab.data.dataset import SegmentationDataset
+from ptxlab.data.io import read_image_file
+from ptxlab.data.layouts import IMAGE_SUFFIXES
+from ptxlab.experiment import MODEL_ARTIFACT, POSTPROCESS_ARTIFACT
+from ptxlab.inference import TTA_MODES, load_trained_model, predict
+from ptxlab.plots import overlay
+from ptxlab.postprocess import PostProcessing, apply
+from ptxlab.train import select_device
+
+PREDICTIONS_CSV = "predictions.csv"
+PREDICTION_COLUMNS = ("file", "predicted_area", "score", "positive")
+
+# Reads one case at native size: (uint8 image, uint8 {0, 1} truth or None when there is none).
+NativeReader = Callable[[Case], tuple[np.ndarray, np.ndarray | None]]
+
+
+@dataclass
+class TrainedRun:
+    """What evaluate and predict need of a logged run."""
+
+    run_id: str
+    model: torch.nn.Module
+    config: Config
+    postprocess: PostProcessing
+    device: torch.device
+
+
+@dataclass
+class NativePrediction:
+    """One case predicted and post-processed at its native (H, W)."""
+
+    case: Case
+    image: np.ndarray  # uint8 (H, W)
+    truth: np.ndarray | None  # uint8 {0, 1} (H, W), when the reader has one
+    probs: np.ndarray  # uint8 (H, W), round(p * 255)
+    mask: np.ndarray  # uint8 {0, 1} (H, W), post-processed
+    score: float
+
+
+def check_tta(tta: str) -> None:
+    if tta not in TTA_MODES:
+        raise ValueError(f"--tta {tta!r}: allowed {', '.join(TTA_MODES)}")
+
+
+def load_run(run_id: str, device: torch.device | None = None) -> TrainedRun:
+    """The best model, config and chosen post-processing that training logged in `run_id`."""
+    client = tracking.configure()
+    try:
+        client.get_run(run_id)
+    except Exception as error:  # MLflow's own exception type; this module does not import MLflow
+        detail = " ".join(str(error).split())[:200]
+        raise ValueError(f"run {run_id}: not found in the tracking store ({detail})") from None
+    logged = {info.path for info in client.list_artifacts(run_id, "model")}
+    for artifact in (MODEL_ARTIFACT, POSTPROCESS_ARTIFACT):
+        if artifact not in logged:
+            raise FileNotFoundError(f"run {run_id}: no {artifact} logged (did training finish?)")
+    device = device or select_device("auto")
+    with tempfile.TemporaryDirectory(prefix="ptxlab-run-") as folder:
+        checkpoint = tracking.download_artifact(run_id, MODEL_ARTIFACT, Path(folder))
+        rule = tracking.download_artifact(run_id, POSTPROCESS_ARTIFACT, Path(folder))
+        model, config = load_trained_model(checkpoint, device)
+        postprocess = PostProcessing.from_dict(json.loads(rule.read_text()))
+    return TrainedRun(run_id, model, config, postprocess, device)
+
+
+def predict_native(run: TrainedRun, cases: Sequence[Case], read: NativeReader,
+                   batch_size: int = 8, tta: str = "none", progress: bool = True
+                   ) -> Iterator[NativePrediction]:
+    """Predict `cases` batch by batch, yielding native-resolution results in case order."""
+    check_tta(tta)
+    size = run.config.data.image_size
+    transform = build_eval_transform(size)
+    batch_natives: list[tuple[np.ndarray, np.ndarray | None]] = []
+
+    def model_input(case: Case) -> tuple[np.ndarray, np.ndarray]:
+        image, truth = read(case)
+        batch_natives.append((image, truth))
+        if run.config.data.cache:
+            image = resize_image(image, size)
+        # `predict` also resizes a mask; the truth is scored at native size, so pass zeros.
+        return image, np.zeros(image.shape, dtype=np.uint8)
+
+    with tqdm(total=len(cases), desc="predict", unit="image", leave=False,
+              disable=not progress) as bar:
+        for start in range(0, len(cases), batch_size):
+            batch = list(cases[start : start + batch_size])
+            batch_natives.clear()
+            dataset = SegmentationDataset(batch, model_input, transform, seed=0)
+            result = predict(run.model, dataset, run.device, batch_size, tta, progress=False)
+            scores = (result.class_probs if result.class_probs is not None
+                      else result.probs.reshape(len(batch), -1).max(axis=1) / 255.0)
+            for case, (image, truth), small, score in zip(
+                batch, batch_natives, result.probs, scores, strict=True
+            ):
+                height, width = image.shape
+                probs = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+                head = None if result.class_probs is None else score
+                yield NativePrediction(case, image, truth, probs,
+                                       apply(probs, run.postprocess, head), float(score))
+            bar.update(len(batch))
+
+
+def collect_inputs(inputs: Sequence[Path], exclude: Path | None = None) -> list[Path]:
+    """Image files named directly or found below named folders (sorted), minus `exclude`.
+
+    One output name per stem: two inputs with the same stem are refused, naming the second.
+    """
+    excluded = Path(os.path.abspath(exclude)) if exclude is not None else None
+    files: list[Path] = []
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and (excluded is None or excluded not in Path(os.path.abspath(p)).parents)
+            )
+            if not found:
+                raise DataError(path, "no PNG, JPEG or DICOM files in this folder")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(path, "not a PNG, JPEG or DICOM file (by its suffix)")
+            files.append(path)
+        else:
+            raise DataError(path, "no such file or folder")
+    by_stem: dict[str, Path] = {}
+    for path in files:
+        if path.stem in by_stem:
+            raise DataError(path, f"same output name {path.stem!r} as {by_stem[path.stem]}")
+        by_stem[path.stem] = path
+    return files
+
+
+def _read_image_only(case: Case) -> tuple[np.ndarray, None]:
+    return read_image_file(case.image), None
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(".png", pixels)
+    if not ok:
+        raise RuntimeError(f"{path}: PNG encoding failed")
+    path.write_bytes(encoded.tobytes())
+
+
+def predict_files(run_id: str, inputs: Sequence[Path], out: Path, tta: str = "none",
+                  with_overlay: bool = True, batch_size: int = 8, progress: bool = True
+                  ) -> list[dict[str, object]]:
+    """Write masks (and overlays) of every input plus predictions.csv into `out`; return rows."""
+    check_tta(tta)
+    out = Path(out)
+    files = collect_inputs(inputs, exclude=out)
+    run = load_run(run_id)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
+    try:
+        cases = [Case(path.stem, path, positive=False) for path in files]
+        rows = []
+        for result in predict_native(run, cases, _read_image_only, batch_size, tta, progress):
+            stem = result.case.case_id
+            _write_png(staging / f"{stem}_mask.png", result.mask * np.uint8(255))
+            if with_overlay:
+                outlined = overlay(result.image, None, result.mask)
+                _write_png(staging / f"{stem}_overlay.png",
+                           cv2.cvtColor(outlined, cv2.COLOR_RGB2BGR))
+            area = int(np.count_nonzero(result.mask))
+            rows.append({"file": str(result.case.image), "predicted_area": area,
+                         "score": round(result.score, 6), "positive": int(area > 0)})
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        (staging / PREDICTIONS_CSV).write_text(text.getvalue())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    for written in sorted(staging.iterdir()):
+        os.replace(written, out / written.name)
+    staging.rmdir()
+    return rows
