@@ -50,6 +50,7 @@ class RunSummary:
     stopped_by: str
     metrics: dict[str, float] = field(default_factory=dict)
     postprocess: dict = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)  # on data.test_source
 
 
 @dataclass
@@ -152,6 +153,12 @@ def run_experiment(
         plots.close(figure)
         summary.metrics, summary.postprocess = _finalize(config, data, result.best_checkpoint,
                                                           workdir, progress)
+        if config.data.test_source:
+            from ptxlab.evaluation import evaluate_run
+
+            summary.test_metrics = evaluate_run(
+                run_id, Path(config.data.test_source), config.data.test_layout, name="test",
+                progress=progress).metrics
         return summary
 
 

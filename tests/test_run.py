@@ -85,3 +85,24 @@ def test_untrained_network_scores_near_zero_dice(isolated_store):
     model, _ = build_model(config.model)
     predictions = predict(model, data.val, torch.device("cpu"), progress=False)
     assert score(predictions, PostProcessing())["pooled_dice"] < 0.2
+
+
+@pytest.mark.slow
+def test_a_separate_test_source_is_scored_at_the_end(isolated_store, siim_sample):
+    """Train on synthetic data, test on real SIIM images (as the study trained on SIIM and
+    tested on PTX-498): the test metrics land in the same run."""
+    test_dir = isolated_store / "test-set"
+    for sub in ("images", "masks"):
+        (test_dir / sub).mkdir(parents=True)
+    names = sorted(p.name for p in (siim_sample / "masks").iterdir())[:3]
+    for name in names:
+        for sub in ("images", "masks"):
+            (test_dir / sub / name).symlink_to(siim_sample / sub / name)
+    config = load_config(None, TINY_RUN + [f"data.test_source={test_dir}",
+                                           "data.test_layout=folder", "train.epochs=1"])
+    summary = run_experiment(config, progress=False)
+    assert set(summary.test_metrics) >= {"pooled_iou", "pooled_dice", "mean_dice", "auc"}
+    run = MlflowClient().get_run(summary.run_id)
+    assert run.data.metrics["test_n_images"] == 3
+    assert run.data.metrics["test_pooled_dice"] == pytest.approx(
+        summary.test_metrics["pooled_dice"])

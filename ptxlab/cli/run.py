@@ -58,6 +58,10 @@ def run(
         print(f"best validation Dice: {metrics['pooled_dice']:.4f}  IoU: {metrics['pooled_iou']:.4f}"
               f"  (pooled pixels, post-processing {summary.postprocess})")
         print(f"per-image mean Dice: {metrics['mean_dice']:.4f}")
+    if summary.test_metrics:
+        test = summary.test_metrics
+        print(f"test set ({resolved.data.test_source}): Dice {test['pooled_dice']:.4f}  "
+              f"IoU {test['pooled_iou']:.4f}  per-image mean Dice {test['mean_dice']:.4f}")
     print(f"open it: ptxlab ui   (experiment '{summary.experiment}')")
 
 
