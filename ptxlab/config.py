@@ -103,15 +103,23 @@ class TrainConfig(_Section):
 
 
 class PostprocessConfig(_Section):
-    """Probability threshold BT and minimum component area RT (pixels at `resolution`²).
+    """How probability maps become masks; areas are pixels at `resolution`².
 
-    With `search`, both are grid-searched on the best model's validation maps after training
-    and the optimum replaces these values for evaluate/predict; `threshold` is also the plain
-    threshold that per-epoch validation uses.
+    `threshold` rule: probability > BT (`threshold`), then components smaller than RT
+    (`min_area`) removed. `triplet` rule: empty unless at least `min_top_area` pixels exceed
+    `top_threshold`, then probability > `bottom_threshold`. With `search`, the rule's
+    parameters are grid-searched on the best model's validation maps after training and the
+    optimum is what evaluate/predict use. `threshold` is also the plain threshold that
+    per-epoch validation uses.
     """
 
+    rule: Literal["threshold", "triplet"] = Field(
+        "threshold", description="threshold = the study's BT + RT; triplet = the winners' rule")
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     min_area: int = Field(0, ge=0)
+    top_threshold: float = Field(0.75, gt=0.0, lt=1.0)
+    min_top_area: int = Field(512, ge=0)
+    bottom_threshold: float = Field(0.4, gt=0.0, lt=1.0)
     resolution: int = Field(512, ge=1)
     search: bool = True
     objective: Literal["pooled_iou", "mean_dice"] = "pooled_iou"

@@ -28,6 +28,7 @@ from ptxlab.postprocess import (
     save_probability_maps,
     search_gate,
     search_threshold,
+    search_triplet,
 )
 from ptxlab.train import (
     NonFiniteLossError,
@@ -206,12 +207,13 @@ def _finalize(config: Config, data: PreparedData, best_checkpoint: Path, workdir
 def choose_postprocessing(config: Config, predictions: Predictions) -> PostProcessing:
     """The configured rule, or the grid-search optimum on validation maps (logged as a heatmap)."""
     pp = config.postprocess
-    fixed = PostProcessing("threshold", threshold=pp.threshold, min_area=pp.min_area,
-                           resolution=pp.resolution)
     if not pp.search:
-        return fixed
-    result = search_threshold(predictions.probs, predictions.truths, objective=pp.objective,
-                              resolution=pp.resolution)
+        return PostProcessing(pp.rule, threshold=pp.threshold, min_area=pp.min_area,
+                              top_threshold=pp.top_threshold, min_top_area=pp.min_top_area,
+                              bottom_threshold=pp.bottom_threshold, resolution=pp.resolution)
+    search = search_threshold if pp.rule == "threshold" else search_triplet
+    result = search(predictions.probs, predictions.truths, objective=pp.objective,
+                    resolution=pp.resolution)
     _log_search(result, pp.resolution, pp.objective)
     if config.model.gate == "none":
         return result.best
@@ -222,16 +224,26 @@ def choose_postprocessing(config: Config, predictions: Predictions) -> PostProce
 
 
 def _log_search(result: SearchResult, resolution: int, objective: str) -> None:
-    """The BT x RT score table as a heatmap and as JSON."""
-    thresholds = sorted({row["threshold"] for row in result.table})
-    areas = sorted({row["min_area"] for row in result.table})
+    """The score table as JSON, and as a threshold x area heatmap (for the triplet rule: top
+    threshold x top area at the best bottom threshold)."""
+    best_pp = result.best
+    if best_pp.kind == "threshold":
+        row_key, col_key, rows_label = "threshold", "min_area", "threshold BT"
+        col_label = f"min component area RT (px at {resolution}²)"
+        rows_of_table = result.table
+    else:
+        row_key, col_key, rows_label = "top_threshold", "min_top_area", "top threshold"
+        col_label = f"min top area (px at {resolution}², bottom {best_pp.bottom_threshold:g})"
+        rows_of_table = [r for r in result.table
+                         if r["bottom_threshold"] == best_pp.bottom_threshold]
+    thresholds = sorted({row[row_key] for row in rows_of_table})
+    areas = sorted({row[col_key] for row in rows_of_table})
     table = np.full((len(thresholds), len(areas)), np.nan)
-    for row in result.table:
-        table[thresholds.index(row["threshold"]), areas.index(row["min_area"])] = row["score"]
-    best = (thresholds.index(result.best.threshold), areas.index(result.best.min_area))
-    figure = plots.heatmap(table, thresholds, areas, "threshold BT",
-                           f"min component area RT (px at {resolution}²)",
-                           f"validation {objective}", best)
+    for row in rows_of_table:
+        table[thresholds.index(row[row_key]), areas.index(row[col_key])] = row["score"]
+    best = (thresholds.index(getattr(best_pp, row_key)), areas.index(getattr(best_pp, col_key)))
+    figure = plots.heatmap(table, thresholds, areas, rows_label, col_label,
+                           f"validation {objective} ({best_pp.kind} rule)", best)
     tracking.log_figure(figure, "plots/postprocess_search.png")
     plots.close(figure)
     tracking.log_dict(_search_record(result), "validation/postprocess_search.json")

@@ -106,3 +106,13 @@ def test_a_separate_test_source_is_scored_at_the_end(isolated_store, siim_sample
     assert run.data.metrics["test_n_images"] == 3
     assert run.data.metrics["test_pooled_dice"] == pytest.approx(
         summary.test_metrics["pooled_dice"])
+
+
+@pytest.mark.slow
+def test_triplet_rule_is_searched_when_configured(isolated_store):
+    config = load_config(None, TINY_RUN + ["postprocess.rule=triplet", "train.epochs=1"])
+    summary = run_experiment(config, progress=False)
+    assert summary.postprocess["kind"] == "triplet"
+    assert set(summary.postprocess) >= {"top_threshold", "min_top_area", "bottom_threshold"}
+    params = MlflowClient().get_run(summary.run_id).data.params
+    assert params["chosen.postprocess.kind"] == "triplet"
