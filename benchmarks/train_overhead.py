@@ -25,6 +25,7 @@ os.environ.setdefault("PTXLAB_PROGRESS", "0")
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from ptxlab import distributed  # noqa: E402
 from ptxlab.config import load_config  # noqa: E402
 from ptxlab.experiment import prepare_data  # noqa: E402
 from ptxlab.losses import SegmentationLoss  # noqa: E402
@@ -49,7 +50,7 @@ def ptxlab_epoch(model, criterion, optimizer, loader, config) -> float:
     _train_epoch(model, model.normalize_input, criterion, optimizer,
                  torch.amp.GradScaler("cuda", enabled=False), loader, torch.device("cpu"),
                  nullcontext, config, global_step=0, total_steps=10**9, lr=config.optim.lr,
-                 batches_per_epoch=len(loader), desc="ptxlab")
+                 batches_per_epoch=len(loader), desc="ptxlab", ranks=distributed.Ranks())
     return time.perf_counter() - started
 
 

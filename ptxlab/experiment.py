@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptxlab import plots, tracking
+from ptxlab import distributed, plots, tracking
 from ptxlab.augment import build_eval_transform, build_train_transform, serialize
 from ptxlab.config import Config
 from ptxlab.data.cases import Case, DataError
@@ -119,7 +119,14 @@ def run_experiment(
     extra_callbacks: TrainingCallbacks | None = None,
     progress: bool = True,
 ) -> RunSummary:
-    """Train `config` in a (new or resumed) MLflow run and log everything about it."""
+    """Train `config` in a (new or resumed) MLflow run and log everything about it.
+
+    Under torchrun (`ptxlab run --nproc N`) rank 0 does all of this; the other ranks only
+    train their shards (see `_train_as_other_rank`) and return an empty summary.
+    """
+    ranks = distributed.init()
+    if not ranks.is_main:
+        return _train_as_other_rank(config, ranks)
     data = prepare_data(config, progress=progress)
     with tracking.open_run(
         config.tracking.experiment, config.tracking.run_name, run_id=resume_run_id,
@@ -134,6 +141,7 @@ def run_experiment(
                 raise FileNotFoundError(f"{resume_from}: no checkpoint to resume run {run_id}")
         else:
             _log_inputs(config, config_text, data)
+        distributed.broadcast((run_id, resume_from), ranks)
         callbacks = _Callbacks(tracking.MlflowCallbacks(run_id, resumed=bool(resume_run_id)),
                                extra_callbacks)
         if resume_from is not None:
@@ -161,6 +169,14 @@ def run_experiment(
                 run_id, Path(config.data.test_source), config.data.test_layout, name="test",
                 progress=progress).metrics
         return summary
+
+
+def _train_as_other_rank(config: Config, ranks: distributed.Ranks) -> RunSummary:
+    """A rank > 0: wait for rank 0 to prepare the data and open the run, then train."""
+    run_id, resume_from = distributed.broadcast(None, ranks)
+    data = prepare_data(config, progress=False)
+    result = train(config, data.train, data.val, checkpoint_dir(run_id), None, resume_from)
+    return RunSummary(run_id, config.tracking.experiment, result.best_epoch, result.stopped_by)
 
 
 class _Callbacks(TrainingCallbacks):

@@ -58,6 +58,7 @@ tagged with the trial number, parameters, repeat and worker, and ends with `optu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -97,7 +98,14 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 import ptxlab
 from ptxlab import tracking
@@ -106,11 +114,8 @@ from ptxlab.metrics import METRIC_KEYS
 from ptxlab.postprocess import PostProcessing
 from ptxlab.train import StopTraining, TrainingCallbacks
 
-warnings.filterwarnings("ignore", category=ExperimentalWarning, module="optuna")
-
 OBJECTIVE_METRICS = tuple(k for k in METRIC_KEYS if not k.startswith("n_"))
-POSTPROCESS_FIELDS = ("kind", "threshold", "min_area", "top_threshold", "min_top_area",
-                      "bottom_threshold", "resolution")
+POSTPROCESS_FIELDS = tuple(f.name for f in dataclasses.fields(PostProcessing))
 MAPS_ARTIFACT = "validation/val_probabilities.npz"
 WORKER_ENV = "PTXLAB_SWEEP_WORKER"  # set for the worker processes `--workers N` spawns
 
@@ -148,6 +153,15 @@ def as_labels(allowed: Any) -> list[Label]:
 def matches(params: dict[str, Label], condition: dict[str, Any]) -> bool:
     """Whether the parameters take one of the accepted values for every key of `condition`."""
     return all(params.get(key) in as_labels(allowed) for key, allowed in condition.items())
+
+
+def metric_key(name: str) -> str:
+    """`pooled_iou` or `best_val_pooled_iou` -> `pooled_iou`; anything else is refused."""
+    key = name.removeprefix("best_val_")
+    if key not in OBJECTIVE_METRICS:
+        raise ValueError(f"metric {name!r}: expected one of {', '.join(OBJECTIVE_METRICS)} "
+                         "(optionally prefixed best_val_)")
+    return key
 
 
 class Dimension(_Strict):
@@ -254,10 +268,7 @@ class ObjectiveSpec(_Strict):
     metric: str = "pooled_iou"
     direction: Literal["maximize", "minimize"] = "maximize"
 
-    @model_validator(mode="after")
-    def _known(self) -> ObjectiveSpec:
-        self.metric = metric_key(self.metric)
-        return self
+    _known = field_validator("metric")(metric_key)
 
 
 class SourceSpec(_Strict):
@@ -300,9 +311,10 @@ class Hypothesis(_Strict):
     expect: Literal["greater", "less", "equal"] = "greater"
     margin: float = Field(0.0, ge=0.0)
 
+    _known = field_validator("metric")(metric_key)
+
     @model_validator(mode="after")
-    def _checked(self) -> Hypothesis:
-        self.metric = metric_key(self.metric)
+    def _margin_for_equal(self) -> Hypothesis:
         if self.expect == "equal" and self.margin <= 0:
             raise ValueError(f"hypothesis {self.name!r}: expect equal needs a margin > 0")
         return self
@@ -384,15 +396,6 @@ class StudySpec(_Strict):
         return values
 
 
-def metric_key(name: str) -> str:
-    """`pooled_iou` or `best_val_pooled_iou` -> `pooled_iou`; anything else is refused."""
-    key = name.removeprefix("best_val_")
-    if key not in OBJECTIVE_METRICS:
-        raise ValueError(f"metric {name!r}: expected one of {', '.join(OBJECTIVE_METRICS)} "
-                         "(optionally prefixed best_val_)")
-    return key
-
-
 @dataclass
 class StudyFile:
     """A parsed study file: its text, its spec and (mode train) the resolved base config."""
@@ -437,9 +440,10 @@ def load_study_file(path: Path | str, name: str | None = None) -> StudyFile:
 
 def _first_error(error: ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(root)"
     message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-    return f"{where}: {message.removeprefix('Value error, ')}"
+    message = message.removeprefix("Value error, ")
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {message}" if where else message
 
 
 def _validation_points(spec: StudySpec) -> list[dict[str, Label]]:
@@ -543,10 +547,12 @@ def make_storage(url: str, heartbeat: HeartbeatSpec) -> optuna.storages.BaseStor
         return HeartbeatJournalStorage(JournalFileBackend(str(path)), heartbeat.interval,
                                        heartbeat.grace_period, callback)
     try:
-        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
-                          heartbeat_interval=heartbeat.interval,
-                          grace_period=heartbeat.grace_period,
-                          heartbeat_stale_trial_callback=callback)
+        with warnings.catch_warnings():  # stable in practice; Optuna still labels it
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                              heartbeat_interval=heartbeat.interval,
+                              grace_period=heartbeat.grace_period,
+                              heartbeat_stale_trial_callback=callback)
     except Exception as error:  # the driver's own error types: connection, auth, unknown DB
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise RuntimeError(f"cannot open the Optuna storage {masked(url)}: {message}") from None
@@ -713,11 +719,13 @@ class StudyHandle:
 
 
 def _fingerprint(definition: dict) -> str:
-    """What must agree between the processes that join a study (not hypotheses or budgets)."""
+    """What must agree between the processes that join a study: the study file's space, fixed
+    overrides, sampler, ... (not hypotheses, budgets or heartbeats). Trials always use the base
+    config stored at creation, so a changed base file or new config defaults cannot split a
+    study; `open_study` warns when the local one differs."""
     spec = {k: v for k, v in definition["spec"].items()
             if k not in ("description", "hypotheses", "heartbeat", "n_trials")}
-    payload = json.dumps({"spec": spec, "base_config": definition["base_config"]},
-                         sort_keys=True, default=str)
+    payload = json.dumps(spec, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -744,7 +752,11 @@ def open_study(loaded: StudyFile, url: str, seed_offset: int | None = None) -> S
         definition_here = _definition(loaded, definition["source_runs"])
         if _fingerprint(definition_here) != study.user_attrs[FINGERPRINT_ATTR]:
             raise ValueError(f"study {spec.name!r} already exists in {masked(url)} with another "
-                             "definition (space, base config, sampler, ...): use another name")
+                             "definition (space, set, sampler, ...): use another name")
+        if definition_here["base_config"] != definition["base_config"]:
+            warnings.warn(f"study {spec.name!r}: the base config resolved here differs from the "
+                          "one stored when the study was created; trials use the stored one",
+                          stacklevel=2)
     parent_run_id = study.user_attrs[PARENT_ATTR]
     try:
         tracking.configure().get_run(parent_run_id)
@@ -854,7 +866,9 @@ class StaleTrialHandler:
 
     def __init__(self, max_retry: int):
         self.max_retry = max_retry
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        with warnings.catch_warnings():  # stable in practice; Optuna still labels it
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial,
                  cause: str = "its worker stopped sending heartbeats (killed or lost)") -> None:
@@ -978,7 +992,9 @@ class Worker:
             if self.deadline is not None and time.monotonic() > self.deadline:
                 reason = "timeout"
                 break
-            fail_stale_trials(study)
+            with warnings.catch_warnings():  # stable in practice; Optuna still labels it
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                fail_stale_trials(study)
             trial = self._next_trial(tally(study.get_trials(deepcopy=False)))
             if trial is not None:
                 self._run_trial(trial)
@@ -1004,7 +1020,9 @@ class Worker:
             return Trial(self.handle.study, trial_id)
         pending = counts.finished + counts.running + counts.waiting
         if self.spec.sampler.type != "grid" and pending + self.spec.repeats <= self.budget:
-            return self.handle.study.ask()
+            with warnings.catch_warnings():  # this loop keeps the heartbeats, not optimize()
+                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                return self.handle.study.ask()
         return None
 
     def _pop_waiting(self) -> int | None:

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ptxlab import distributed
 from ptxlab.config import Config
-from ptxlab.data.dataset import SegmentationDataset
+from ptxlab.data.dataset import GlobalBatchSampler, SegmentationDataset
 from ptxlab.losses import SegmentationLoss
 from ptxlab.metrics import MetricAccumulator
 from ptxlab.model import build_model, split_output
@@ -72,11 +74,11 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def select_device(choice: str) -> torch.device:
+def select_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but no CUDA device is available")
-        return torch.device("cuda")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -129,15 +131,22 @@ def train(
     callbacks: TrainingCallbacks | None = None,
     resume_from: Path | None = None,
 ) -> TrainResult:
-    """Train `config` on the two datasets, writing best.pt and last.pt into `workdir`."""
-    callbacks = callbacks or TrainingCallbacks()
+    """Train `config` on the two datasets, writing best.pt and last.pt into `workdir`.
+
+    Under torchrun every rank calls this; rank 0 validates, decides, checkpoints and calls
+    the callbacks, and tells the other ranks what it decided.
+    """
+    ranks = distributed.current()
+    callbacks = callbacks if ranks.is_main and callbacks else TrainingCallbacks()
     workdir.mkdir(parents=True, exist_ok=True)
-    device = select_device(config.train.device)
+    device = select_device(config.train.device, ranks.local_rank)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)
 
     model, weights_note = build_model(config.model, load_weights=resume_from is None)
+    if ranks.distributed and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     normalize = model.normalize_input
     criterion = SegmentationLoss(config.loss)
@@ -146,18 +155,19 @@ def train(
     use_amp = config.train.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if config.train.amp_dtype == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    forward = torch.compile(model) if config.model.compile else model
+    forward = model
+    if ranks.distributed:
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.model.compile:
+        forward = torch.compile(forward)
 
-    loader_args = dict(
-        batch_size=config.train.batch_size,
-        num_workers=config.data.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
-    shuffle_generator = torch.Generator()
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) >= 2 *
-                              config.train.batch_size, generator=shuffle_generator, **loader_args)
-    val_loader = DataLoader(val_set, shuffle=False, **loader_args)
+    loader_args = dict(num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
+    sampler = GlobalBatchSampler(len(train_set), config.train.batch_size, ranks.rank,
+                                 ranks.world, drop_last=len(train_set) >= 2 *
+                                 config.train.batch_size)
+    train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_args)
+    val_loader = DataLoader(val_set, batch_size=config.train.batch_size, **loader_args)
     batches_per_epoch = len(train_loader)
     if config.train.max_train_batches:
         batches_per_epoch = min(batches_per_epoch, config.train.max_train_batches)
@@ -177,6 +187,7 @@ def train(
         "lr_effective": lr, "epochs_planned": epochs, "optimizer_steps_planned": total_steps,
         "train_images": len(train_set), "val_images": len(val_set),
         "batches_per_epoch": batches_per_epoch, "start_epoch": state.epoch,
+        "processes": ranks.world,
     })
     best_path, last_path = workdir / "best.pt", workdir / "last.pt"
     stopped_by = "max_steps" if config.train.max_steps is not None else "epochs"
@@ -185,8 +196,8 @@ def train(
     for epoch in range(state.epoch, epochs):
         if state.global_step >= total_steps:
             break
-        torch.manual_seed(epoch_seed(config.seed, epoch))
-        shuffle_generator.manual_seed(epoch_seed(config.seed, epoch))
+        torch.manual_seed(epoch_seed(config.seed, epoch) + ranks.rank)
+        sampler.set_seed(epoch_seed(config.seed, epoch))
         train_set.set_epoch(epoch)
         freeze = epoch < config.model.freeze_encoder_epochs
         for parameter in model.encoder.parameters():
@@ -195,12 +206,14 @@ def train(
         train_terms, images_per_s, state.global_step = _train_epoch(
             forward, normalize, criterion, optimizer, scaler, train_loader, device, autocast,
             config, state.global_step, total_steps, lr, batches_per_epoch,
-            desc=f"epoch {epoch + 1}/{epochs}",
+            desc=f"epoch {epoch + 1}/{epochs}", ranks=ranks,
         )
         metrics = {**train_terms, "images_per_s": images_per_s,
                    "lr": optimizer.param_groups[0]["lr"]}
-        metrics.update(evaluate_loader(forward, normalize, criterion, val_loader, device, autocast,
-                                       threshold=config.postprocess.threshold))
+        if ranks.is_main:
+            metrics.update(evaluate_loader(model, normalize, criterion, val_loader, device,
+                                           autocast, threshold=config.postprocess.threshold))
+        metrics = distributed.broadcast(metrics, ranks)
         metrics["epoch"] = epoch
         state.history.append(metrics)
 
@@ -208,44 +221,61 @@ def train(
         if improved:
             state.best_score, state.best_epoch = metrics[MONITOR], epoch
             state.epochs_without_improvement = 0
-            _save_atomic({"model": model.state_dict(), "config": config.model_dump(mode="json"),
-                          "epoch": epoch, "metrics": metrics}, best_path)
         else:
             state.epochs_without_improvement += 1
         state.epoch = epoch + 1
-        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scaler": scaler.state_dict(), "state": state.__dict__,
-                      "config": config.model_dump(mode="json")}, last_path)
-        if improved:
-            callbacks.on_checkpoint(epoch, best_path, is_best=True)
-        callbacks.on_checkpoint(epoch, last_path, is_best=False)
-        try:
-            callbacks.on_epoch_end(epoch, metrics)
-        except StopTraining:
-            stopped_by = "callback"
-            break
-        patience = config.train.early_stopping_patience
-        if patience and state.epochs_without_improvement >= patience:
-            stopped_by = "early_stopping"
+        stop = None
+        if ranks.is_main:
+            stop = _checkpoint_and_report(model, optimizer, scaler, state, config, metrics,
+                                          improved, best_path, last_path, callbacks)
+        stop = distributed.broadcast(stop, ranks)
+        if stop:
+            stopped_by = stop
             break
 
     best = state.history[state.best_epoch] if state.history else {}
     return TrainResult(state.best_epoch, best, state.history, best_path, last_path, stopped_by)
 
 
+def _checkpoint_and_report(model, optimizer, scaler, state: TrainState, config: Config,
+                           metrics: dict, improved: bool, best_path: Path, last_path: Path,
+                           callbacks: TrainingCallbacks) -> str | None:
+    """Write best/last checkpoints, call the callbacks; return why to stop, if we should."""
+    epoch = state.epoch - 1
+    if improved:
+        _save_atomic({"model": model.state_dict(), "config": config.model_dump(mode="json"),
+                      "epoch": epoch, "metrics": metrics}, best_path)
+    _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "scaler": scaler.state_dict(), "state": state.__dict__,
+                  "config": config.model_dump(mode="json")}, last_path)
+    if improved:
+        callbacks.on_checkpoint(epoch, best_path, is_best=True)
+    callbacks.on_checkpoint(epoch, last_path, is_best=False)
+    try:
+        callbacks.on_epoch_end(epoch, metrics)
+    except StopTraining:
+        return "callback"
+    patience = config.train.early_stopping_patience
+    if patience and state.epochs_without_improvement >= patience:
+        return "early_stopping"
+    return None
+
+
 def _train_epoch(model, normalize, criterion, optimizer, scaler, loader, device, autocast,
                  config: Config, global_step: int, total_steps: int, lr: float,
-                 batches_per_epoch: int, desc: str) -> tuple[dict[str, float], float, int]:
+                 batches_per_epoch: int, desc: str, ranks: distributed.Ranks
+                 ) -> tuple[dict[str, float], float, int]:
     """One pass over the training loader; returns (mean loss and its terms, images/s, step).
 
-    The terms are named train_loss, train_bce, train_dice (and train_classification).
+    The terms are named train_loss, train_bce, train_dice (and train_classification); under
+    torchrun they are means over all ranks' images and images/s is the global rate.
     """
     model.train()
     accumulate = config.train.accumulate
     sums: dict[str, float] = {}
     n_images, started = 0, time.perf_counter()
     progress = tqdm(total=batches_per_epoch, desc=desc, unit="batch", leave=False,
-                    disable=not os.environ.get("PTXLAB_PROGRESS", "1") == "1")
+                    disable=os.environ.get("PTXLAB_PROGRESS", "1") != "1" or not ranks.is_main)
     optimizer.zero_grad(set_to_none=True)
     for batch_index, (images, masks, _) in enumerate(loader):
         if batch_index >= batches_per_epoch or global_step >= total_steps:
@@ -276,8 +306,11 @@ def _train_epoch(model, normalize, criterion, optimizer, scaler, loader, device,
                              img_s=f"{n_images / elapsed:.1f}")
         progress.update()
     progress.close()
-    means = {name: total / max(n_images, 1) for name, total in sums.items()}
-    return means, n_images / (time.perf_counter() - started), global_step
+    elapsed = time.perf_counter() - started
+    names = sorted(sums)
+    *totals, n_images = distributed.sum_across([sums[n] for n in names] + [n_images], ranks)
+    means = {name: total / max(n_images, 1) for name, total in zip(names, totals, strict=True)}
+    return means, n_images / elapsed, global_step
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from ptxlab.cli.errors import fail_cleanly
 from ptxlab.config import load_config, render
+from ptxlab.distributed import current, launch
 
 console = Console(stderr=True)
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
@@ -34,8 +35,13 @@ def run(
     overrides: SetOption = None,
     resume: Annotated[str | None, typer.Option(
         help="Continue a killed run from its last checkpoint, into the same MLflow run.")] = None,
+    nproc: Annotated[int, typer.Option(
+        min=1, help="Data-parallel processes on this machine (torchrun; NCCL on GPUs, gloo on "
+                    "CPU). train.batch_size stays the global batch.")] = 1,
 ) -> None:
     """Train one configuration and log everything to MLflow."""
+    if nproc > 1 and "RANK" not in os.environ:
+        raise typer.Exit(launch(nproc, _argv_without_nproc()))
     with fail_cleanly():
         from ptxlab.experiment import run_experiment
 
@@ -51,6 +57,8 @@ def run(
             resolved = load_config(config, overrides or [])
         summary = run_experiment(resolved, config.read_text() if config else None,
                                  resume_run_id=resume)
+    if not current().is_main:
+        return
     metrics = summary.metrics
     print(f"run id: {summary.run_id}")
     if metrics:
@@ -63,6 +71,19 @@ def run(
         print(f"test set ({resolved.data.test_source}): Dice {test['pooled_dice']:.4f}  "
               f"IoU {test['pooled_iou']:.4f}  per-image mean Dice {test['mean_dice']:.4f}")
     print(f"open it: ptxlab ui   (experiment '{summary.experiment}')")
+
+
+def _argv_without_nproc() -> list[str]:
+    """This command line minus --nproc, for the processes torchrun starts."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    return argv
 
 
 def show(

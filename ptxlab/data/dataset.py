@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from ptxlab.augment import seed_transform
 from ptxlab.data.cases import Case
@@ -69,3 +69,35 @@ def stratified_split(
         for i, case in enumerate(group):
             (val if i in in_val else train).append(case)
     return sorted(train, key=lambda c: c.case_id), sorted(val, key=lambda c: c.case_id)
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Batches of a seeded permutation; each rank takes its share of every global batch.
+
+    With one process this is an ordinary shuffled batch sampler. With N processes rank r takes
+    items r, r+N, ... of each global batch, so the union over ranks is exactly the batch a
+    single process would see: the global batch size stays `batch_size`.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, rank: int = 0, world: int = 1,
+                 drop_last: bool = False):
+        if batch_size % world:
+            raise ValueError(f"train.batch_size={batch_size} must divide over {world} processes")
+        self.n_items, self.batch_size = n_items, batch_size
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.seed = 0
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __iter__(self):
+        order = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(self.seed))
+        for start in range(0, self.n_items, self.batch_size):
+            batch = order[start : start + self.batch_size].tolist()
+            if len(batch) < self.batch_size and self.drop_last:
+                return
+            yield batch[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n_items, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)

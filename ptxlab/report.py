@@ -1,0 +1,498 @@
+"""`ptxlab report`: what a study's trials say about each factor and hypothesis, against noise.
+
+Only COMPLETE trials count (pruned trials trained less, failed ones have no result). A group of
+trials (a factor level, one side of a hypothesis) gives one value per repeat: the mean of the
+metric over the group's trials with that repeat (seed). Its estimate is the mean over repeats
+± the half-width of the 95 % t-interval (n = repeats, n - 1 degrees of freedom). A difference
+between two groups pairs the per-repeat values (same seed, same split) when both sides have the
+same repeats, at least two; otherwise it is Welch's interval.
+
+A hypothesis (`ptxlab.sweep.Hypothesis`) compares side A (`compare`) with side B (`against`):
+
+* expect `greater`: supported when the CI of A - B lies above `margin`, contradicted when it lies
+  below it;
+* expect `less`: supported when it lies below -`margin`, contradicted when above;
+* expect `equal`: supported when it lies inside (-margin, margin), contradicted when it lies
+  entirely outside;
+
+and inconclusive otherwise, which includes fewer than two repeats (no noise estimate).
+
+The report is written as `report.md` with PNG plots under `plots/`, and logged under `report/`
+to the study's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import optuna
+from matplotlib.figure import Figure
+from optuna.trial import TrialState
+from scipy import stats
+
+from ptxlab import tracking
+from ptxlab.sweep import (
+    Dimension,
+    Hypothesis,
+    Label,
+    StudyHandle,
+    StudySpec,
+    load_existing,
+    masked,
+    matches,
+    tally,
+)
+
+REPORT_METRICS = {"pooled_iou": "pooled IoU", "mean_dice": "per-image Dice", "auc": "image AUC"}
+MAX_LEVELS = 8  # numeric factors with more distinct values are binned into quartiles
+TOP_CONFIGURATIONS = 5
+
+
+@dataclass(frozen=True)
+class Result:
+    """One complete trial: its configuration, repeat and metrics."""
+
+    number: int
+    params: dict[str, Label]
+    repeat: int
+    metrics: dict[str, float | None]
+    value: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its 95 % confidence interval (NaN bounds when n < 2)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    paired: bool = False
+
+    @property
+    def defined(self) -> bool:
+        return math.isfinite(self.low) and math.isfinite(self.high)
+
+    def text(self, signed: bool = False) -> str:
+        if not math.isfinite(self.mean):
+            return "n/a"
+        value = f"{self.mean:+.4f}" if signed else f"{self.mean:.4f}"
+        if not self.defined:
+            return f"{value} (n={self.n})"
+        return f"{value} ± {(self.high - self.low) / 2:.4f}"
+
+    def interval(self) -> str:
+        return f"[{self.low:+.4f}, {self.high:+.4f}]" if self.defined else "[n/a]"
+
+
+def estimate(values: list[float], paired: bool = False) -> Estimate:
+    """Mean ± t-interval of independent values (one per repeat)."""
+    n = len(values)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, paired)
+    mean = float(np.mean(values))
+    if n < 2:
+        return Estimate(mean, math.nan, math.nan, n, paired)
+    half = float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+    return Estimate(mean, mean - half, mean + half, n, paired)
+
+
+def difference(a: dict[int, float], b: dict[int, float]) -> Estimate:
+    """A - B from per-repeat values: paired over shared repeats, else Welch's interval."""
+    if set(a) == set(b) and len(a) >= 2:
+        return estimate([a[r] - b[r] for r in sorted(a)], paired=True)
+    va, vb = np.array(list(a.values())), np.array(list(b.values()))
+    n = min(len(va), len(vb))
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    mean = float(va.mean() - vb.mean())
+    if len(va) < 2 or len(vb) < 2:
+        return Estimate(mean, math.nan, math.nan, n)
+    sa, sb = va.var(ddof=1) / len(va), vb.var(ddof=1) / len(vb)
+    se = math.sqrt(sa + sb)
+    if se == 0:
+        return Estimate(mean, mean, mean, n)
+    dof = (sa + sb) ** 2 / (sa**2 / (len(va) - 1) + sb**2 / (len(vb) - 1))
+    half = float(stats.t.ppf(0.975, dof) * se)
+    return Estimate(mean, mean - half, mean + half, n)
+
+
+def per_repeat(results: list[Result], metric: str) -> dict[int, float]:
+    """Per repeat, the metric's mean over the results of that repeat (missing values skipped)."""
+    grouped: dict[int, list[float]] = defaultdict(list)
+    for result in results:
+        value = result.metrics.get(metric)
+        if value is not None and math.isfinite(value):
+            grouped[result.repeat].append(value)
+    return {repeat: float(np.mean(values)) for repeat, values in sorted(grouped.items())}
+
+
+def collect(study: optuna.Study) -> list[Result]:
+    """Complete trials with their logged metrics."""
+    return [Result(t.number, dict(t.params), int(t.user_attrs.get("repeat", 0)),
+                   t.user_attrs.get("metrics", {}), float(t.value))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+# --- factors -------------------------------------------------------------------------------
+
+
+@dataclass
+class Level:
+    label: str
+    results: list[Result]
+
+
+def levels(name: str, dim: Dimension, results: list[Result]) -> list[Level]:
+    """A factor's levels among the results where it is active: its choices in order, its
+    distinct values, or (numeric with many values) its quartile bins."""
+    active = [r for r in results if name in r.params]
+    if dim.type == "categorical":
+        return [Level(str(choice), [r for r in active if r.params[name] == choice])
+                for choice in dim.labels() if any(r.params[name] == choice for r in active)]
+    values = sorted({float(r.params[name]) for r in active})
+    if len(values) <= MAX_LEVELS:
+        return [Level(f"{v:g}", [r for r in active if float(r.params[name]) == v]) for v in values]
+    edges = np.quantile(values, [0, 0.25, 0.5, 0.75, 1])
+    bins = []
+    for k in range(4):
+        low, high = edges[k], edges[k + 1]
+        inside = [r for r in active if low <= float(r.params[name]) < high
+                  or (k == 3 and float(r.params[name]) == high)]
+        if inside:
+            bins.append(Level(f"[{low:.3g}, {high:.3g}{']' if k == 3 else ')'}", inside))
+    return bins
+
+
+@dataclass
+class FactorRow:
+    level: Level
+    estimates: dict[str, Estimate]
+    effects: dict[str, Estimate]  # versus the first level
+
+
+def factor_rows(found: list[Level]) -> list[FactorRow]:
+    rows = []
+    reference = found[0].results if found else []
+    for level in found:
+        estimates = {m: estimate(list(per_repeat(level.results, m).values()))
+                     for m in REPORT_METRICS}
+        effects = {m: difference(per_repeat(level.results, m), per_repeat(reference, m))
+                   for m in REPORT_METRICS}
+        rows.append(FactorRow(level, estimates, effects))
+    return rows
+
+
+# --- configurations and hypotheses ---------------------------------------------------------
+
+
+def configurations(results: list[Result]) -> dict[tuple, list[Result]]:
+    grouped: dict[tuple, list[Result]] = defaultdict(list)
+    for result in results:
+        grouped[tuple(result.params.items())].append(result)
+    return dict(grouped)
+
+
+def best_configuration(results: list[Result], metric: str,
+                       maximize: bool = True) -> tuple[tuple, list[Result]] | None:
+    """The configuration with the best mean over repeats of `metric`."""
+    scored = [(np.mean(list(values.values())), key, group)
+              for key, group in configurations(results).items()
+              if (values := per_repeat(group, metric))]
+    if not scored:
+        return None
+    _, key, group = (max if maximize else min)(scored, key=lambda item: item[0])
+    return key, group
+
+
+@dataclass
+class Verdict:
+    hypothesis: Hypothesis
+    verdict: str  # supported | contradicted | inconclusive
+    difference: Estimate
+    a: dict[int, float]
+    b: dict[int, float]
+    a_label: str
+    b_label: str
+    summary: str = ""
+
+
+def decide(diff: Estimate, expect: str, margin: float) -> str:
+    """The verdict that the interval of A - B implies (see the module docstring)."""
+    if not diff.defined:
+        return "inconclusive"
+    if expect == "greater":
+        supported, contradicted = diff.low > margin, diff.high < margin
+    elif expect == "less":
+        supported, contradicted = diff.high < -margin, diff.low > -margin
+    else:
+        supported = -margin < diff.low and diff.high < margin
+        contradicted = diff.low > margin or diff.high < -margin
+    return "supported" if supported else "contradicted" if contradicted else "inconclusive"
+
+
+def _describe(condition: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in condition.items()) or "all"
+
+
+def evaluate(hypothesis: Hypothesis, results: list[Result]) -> Verdict:
+    scope = [r for r in results if matches(r.params, hypothesis.where)]
+    sides = []
+    for condition in (hypothesis.compare, hypothesis.against):
+        group = [r for r in scope if matches(r.params, condition)]
+        text = _describe(condition)
+        if hypothesis.aggregate == "best" and group:
+            key, group = best_configuration(group, hypothesis.metric) or ((), [])
+            text += f" (best: {_describe(dict(key))})"
+        sides.append((per_repeat(group, hypothesis.metric), f"{text}; {len(group)} trials"))
+    (a, a_label), (b, b_label) = sides
+    diff = difference(a, b)
+    verdict = Verdict(hypothesis, decide(diff, hypothesis.expect, hypothesis.margin), diff, a, b,
+                      a_label, b_label)
+    expected = {"greater": f"A - B > {hypothesis.margin:+g}",
+                "less": f"A - B < {-hypothesis.margin:+g}",
+                "equal": f"|A - B| < {hypothesis.margin:g}"}[hypothesis.expect]
+    how = "paired over" if diff.paired else "unpaired,"
+    verdict.summary = (f"Δ {REPORT_METRICS.get(hypothesis.metric, hypothesis.metric)} = "
+                       f"{diff.text(signed=True)}, 95 % CI {diff.interval()}, {how} "
+                       f"{diff.n} repeats; expected {expected}")
+    return verdict
+
+
+def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
+    """Optuna's parameter importances for the objective, or why there are none."""
+    try:
+        return optuna.importance.get_param_importances(study), None
+    except (ValueError, RuntimeError, ZeroDivisionError) as error:
+        return {}, str(error) or type(error).__name__
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+
+def _factor_figure(name: str, rows: list[FactorRow]):
+    figure = Figure(figsize=(4.5 * len(REPORT_METRICS), 3.6), layout="constrained")
+    axes = figure.subplots(1, len(REPORT_METRICS))
+    x = np.arange(len(rows))
+    for axis, (metric, title) in zip(axes, REPORT_METRICS.items(), strict=True):
+        means = [row.estimates[metric].mean for row in rows]
+        errors = [(row.estimates[metric].high - row.estimates[metric].low) / 2
+                  if row.estimates[metric].defined else 0.0 for row in rows]
+        axis.errorbar(x, means, yerr=errors, fmt="o", capsize=4)
+        axis.set_xticks(x, [row.level.label for row in rows], rotation=20, ha="right")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{name}: mean ± 95 % CI over repeats")
+    return figure
+
+
+def _history_figure(study: optuna.Study, objective: str, maximize: bool):
+    figure = Figure(figsize=(8, 4), layout="constrained")
+    axis = figure.subplots()
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    axis.plot([t.number for t in complete], [t.value for t in complete], "o", label="complete")
+    if pruned:
+        axis.plot([t.number for t in pruned], [t.value for t in pruned], "x", color="grey",
+                  label="pruned (last reported)")
+    if complete:
+        running = (np.maximum if maximize else np.minimum).accumulate([t.value for t in complete])
+        axis.step([t.number for t in complete], running, where="post", label="best so far")
+    axis.set_xlabel("trial")
+    axis.set_ylabel(objective)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return figure
+
+
+def _importance_figure(values: dict[str, float]):
+    figure = Figure(figsize=(6, 0.5 + 0.4 * len(values)), layout="constrained")
+    axis = figure.subplots()
+    names = list(values)[::-1]
+    axis.barh(names, [values[n] for n in names])
+    axis.set_xlabel("importance for the objective")
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+@dataclass
+class ReportResult:
+    markdown: Path
+    verdicts: list[Verdict]
+    parent_run_id: str
+    figures: list[Path] = field(default_factory=list)
+
+
+def write_report(target: str, storage: str | None = None, out: Path | None = None) -> ReportResult:
+    """Render the report of a study (by file or name) into `out` and log it to its parent run."""
+    handle, _ = load_existing(target, storage)
+    spec = handle.spec
+    out = Path(out or Path("reports") / spec.name)
+    out.mkdir(parents=True, exist_ok=True)
+    results = collect(handle.study)
+    lines, figures, verdicts = render(handle, results, out)
+    markdown = out / "report.md"
+    markdown.write_text("\n".join(lines) + "\n")
+    client = tracking.configure()
+    client.log_artifacts(handle.parent_run_id, str(out), "report")
+    client.set_tag(handle.parent_run_id, "ptxlab.report", "report/report.md")
+    return ReportResult(markdown, verdicts, handle.parent_run_id, figures)
+
+
+def render(handle: StudyHandle, results: list[Result],
+           out: Path) -> tuple[list[str], list[Path], list[Verdict]]:
+    """Markdown lines, the figures written under `out`, and the verdicts."""
+    spec = handle.spec
+    maximize = spec.objective.direction == "maximize"
+    objective = f"best_val_{spec.objective.metric}"
+    lines = _header(handle, spec)
+    figures: list[Path] = []
+
+    verdicts = [evaluate(h, results) for h in spec.hypotheses]
+    lines += ["## Hypotheses", ""]
+    if not verdicts:
+        lines += ["The study file states no hypotheses.", ""]
+    for verdict in verdicts:
+        lines += _verdict_lines(verdict)
+
+    lines += ["## Best configuration", ""]
+    lines += _best_lines(spec, results, maximize)
+
+    lines += ["## Factors", "",
+              "Per level: mean ± 95 % CI half-width over repeats, and the difference to the "
+              "first level (paired by repeat where possible).", ""]
+    for name, dim in spec.space.items():
+        rows = factor_rows(levels(name, dim, results))
+        lines += [f"### {name}", ""]
+        if not rows:
+            lines += ["No complete trials with this factor active.", ""]
+            continue
+        path = out / "plots" / f"factor_{_slug(name)}.png"
+        _save(_factor_figure(name, rows), path)
+        figures.append(path)
+        lines += [f"![{name}](plots/{path.name})", ""]
+        lines += _factor_table(rows)
+
+    lines += ["## Parameter importances (Optuna)", ""]
+    values, problem = importances(handle.study)
+    if problem:
+        lines += [f"Not available: {problem}", ""]
+    else:
+        path = out / "plots" / "importances.png"
+        _save(_importance_figure(values), path)
+        figures.append(path)
+        lines += [f"![importances](plots/{path.name})", "", "| parameter | importance |",
+                  "| --- | --- |"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in values.items()] + [""]
+
+    path = out / "plots" / "history.png"
+    _save(_history_figure(handle.study, objective, maximize), path)
+    figures.append(path)
+    lines += ["## Trials", "", f"![history](plots/{path.name})", ""]
+    return lines, figures, verdicts
+
+
+def _header(handle: StudyHandle, spec: StudySpec) -> list[str]:
+    counts = tally(handle.study.get_trials(deepcopy=False))
+    pruner = spec.pruner.type if spec.pruner.type == "none" else (
+        f"{spec.pruner.type} on {spec.pruner.metric}")
+    rows = [
+        ("mode", spec.mode),
+        ("storage", masked(handle.url)),
+        ("MLflow", f"experiment `{handle.experiment}`, parent run `{handle.parent_run_id}`"),
+        ("sampler", f"{spec.sampler.type} (seed {spec.sampler.seed})"),
+        ("pruner", pruner),
+        ("objective", f"{spec.objective.direction} best_val_{spec.objective.metric}"),
+        ("repeats", str(spec.repeats)),
+        ("trials", f"{counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed, "
+                   f"{counts.retried} retried after a lost worker, {counts.running} running, "
+                   f"{counts.waiting} queued"),
+    ]
+    if handle.definition["source_runs"]:
+        rows.append(("source runs", ", ".join(f"`{r}`" for r in handle.definition["source_runs"])))
+    lines = [f"# Study `{spec.name}`", ""]
+    if spec.description:
+        lines += [spec.description, ""]
+    lines += ["| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    lines += ["Only complete trials count. A group's value per repeat is its mean over the "
+              "group's trials of that repeat; estimates are the mean over repeats ± the 95 % "
+              "t-interval half-width; differences pair repeats (same seed) when both sides have "
+              "the same ones. Pruned trials are left out, which favours configurations that "
+              "survive pruning.", ""]
+    return lines
+
+
+def _verdict_lines(verdict: Verdict) -> list[str]:
+    h = verdict.hypothesis
+
+    def values(per: dict[int, float]) -> str:
+        return ", ".join(f"{v:.4f}" for v in per.values()) or "none"
+
+    return [
+        f"### {h.name}", "",
+        f"**{verdict.verdict}**: {verdict.summary}.", "",
+        f"- A = {verdict.a_label}: per repeat {values(verdict.a)}",
+        f"- B = {verdict.b_label}: per repeat {values(verdict.b)}",
+        f"- scope: {_describe(h.where)}; metric {REPORT_METRICS.get(h.metric, h.metric)}"
+        f" ({h.aggregate} of the matching configurations)", "",
+    ]
+
+
+def _best_lines(spec: StudySpec, results: list[Result], maximize: bool) -> list[str]:
+    if not results:
+        return ["No complete trials.", ""]
+    metric = spec.objective.metric
+    groups = configurations(results)
+    ranked = sorted(groups.items(), key=lambda item: np.mean(
+        list(per_repeat(item[1], metric).values()) or [math.nan]), reverse=maximize)
+    lines = [f"Configurations ranked by the mean of best_val_{metric} over repeats (top "
+             f"{TOP_CONFIGURATIONS}):", "",
+             "| configuration | repeats | " + " | ".join(REPORT_METRICS.values()) + " |",
+             "| --- | --- |" + " --- |" * len(REPORT_METRICS)]
+    for key, group in ranked[:TOP_CONFIGURATIONS]:
+        cells = [estimate(list(per_repeat(group, m).values())).text() for m in REPORT_METRICS]
+        lines.append(f"| {_describe(dict(key))} | {len({r.repeat for r in group})} | "
+                     + " | ".join(cells) + " |")
+    lines.append("")
+    for m, title in REPORT_METRICS.items():
+        found = best_configuration(results, m)
+        if found:
+            key, group = found
+            value = estimate(list(per_repeat(group, m).values()))
+            lines.append(f"- best by {title}: {_describe(dict(key))} ({value.text()})")
+    best_trial = (max if maximize else min)(results, key=lambda r: r.value)
+    lines += [f"- best single trial: {best_trial.number} ({_describe(best_trial.params)}, repeat "
+              f"{best_trial.repeat}): {best_trial.value:.4f}", ""]
+    return lines
+
+
+def _factor_table(rows: list[FactorRow]) -> list[str]:
+    names = list(REPORT_METRICS.values())
+    reference = rows[0].level.label
+    lines = ["| level | repeats | trials | " + " | ".join(names) + " | "
+             + " | ".join(f"Δ {n} vs {reference}" for n in names) + " |",
+             "| --- | --- | --- |" + " --- |" * (2 * len(names))]
+    for row in rows:
+        cells = [row.estimates[m].text() for m in REPORT_METRICS]
+        cells += ["—" if row is rows[0] else row.effects[m].text(signed=True)
+                  for m in REPORT_METRICS]
+        lines.append(f"| {row.level.label} | {len({r.repeat for r in row.level.results})} | "
+                     f"{len(row.level.results)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
