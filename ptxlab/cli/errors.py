@@ -9,7 +9,15 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-EXPECTED = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+EXPECTED = (ValueError, OSError, RuntimeError, KeyError)
+
+
+def one_line(error: BaseException) -> str:
+    """The error as '<file>: <problem>' where the OS names a file, else its first line."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextmanager
@@ -17,6 +25,6 @@ def fail_cleanly() -> Iterator[None]:
     try:
         yield
     except EXPECTED as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        Console(stderr=True, highlight=False, soft_wrap=True).print(Text("error: ", style="bold red") + message)
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        console.print(Text("error: ", style="bold red") + one_line(error))
         raise typer.Exit(2) from None

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,19 +23,6 @@ BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Image
 COUNT_KEYS = ("n_images", "n_positive")
 
 
-@contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Expected failures, file-system ones included, as one line on stderr and exit 2."""
-    with fail_cleanly():
-        try:
-            yield
-        except OSError as error:
-            if isinstance(error, FileNotFoundError):
-                raise
-            where = f"{error.filename}: " if error.filename else ""
-            raise RuntimeError(f"{where}{error.strerror or error}") from None
-
-
 def evaluate(
     run_id: RunIdArg,
     data: Annotated[Path, typer.Option("--data", help="Dataset folder, in a published layout.",
@@ -53,7 +38,7 @@ def evaluate(
     batch_size: BatchSizeOption = 8,
 ) -> None:
     """Score a run at each image's native resolution and log the results into that run."""
-    with _one_line_errors():
+    with fail_cleanly():
         from ptxlab.evaluation import evaluate_run
 
         evaluation = evaluate_run(run_id, data, layout, tta, name, batch_size,
@@ -92,7 +77,7 @@ def predict(
     batch_size: BatchSizeOption = 8,
 ) -> None:
     """Write a native-resolution mask (and overlay) per image, plus predictions.csv."""
-    with _one_line_errors():
+    with fail_cleanly():
         from ptxlab.prediction import PREDICTIONS_CSV, predict_files
 
         rows = predict_files(run_id, inputs, out, tta, with_overlay, batch_size,
