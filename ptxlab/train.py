@@ -282,10 +282,11 @@ def _train_epoch(model, normalize, criterion, optimizer, scaler, loader, device,
             break
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
+        inputs = normalize(images)
         if config.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast():
-            output = split_output(model(normalize(images)))
+            output = split_output(model(inputs))
             loss, terms = criterion(output, masks)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"loss is {loss.item()} at optimizer step {global_step}")
