@@ -6,7 +6,6 @@ nothing of MLflow; this module wires them to `tracking`.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,7 +298,3 @@ def _log_overlays(config: Config, dataset: SegmentationDataset, predictions: Pre
         [dataset.cases[i].case_id for i in chosen])
     tracking.log_figure(figure, "plots/validation_overlays.png")
     plots.close(figure)
-
-
-def summary_json(summary: RunSummary) -> str:
-    return json.dumps(summary.__dict__, indent=2, default=float)

@@ -7,7 +7,6 @@ directory; `MLFLOW_TRACKING_URI` overrides it (e.g. a team server).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 import ptxlab
@@ -163,10 +161,6 @@ def download_artifact(run_id: str, artifact_path: str, dest: Path | None = None)
                                                     dst_path=str(dest)))
 
 
-def get_run(run_id: str):
-    return configure().get_run(run_id)
-
-
 def logged_steps(run_id: str, key: str) -> set[int]:
     return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
 
@@ -191,15 +185,3 @@ class MlflowCallbacks(TrainingCallbacks):
         """Log epochs a killed run finished but had not logged yet."""
         for metrics in history:
             self.on_epoch_end(int(metrics["epoch"]), metrics)
-
-
-def run_status(run_id: str) -> str:
-    return MlflowClient().get_run(run_id).info.status
-
-
-def finished(run_id: str) -> bool:
-    return run_status(run_id) == RunStatus.to_string(RunStatus.FINISHED)
-
-
-def dumps(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, default=str)
