@@ -343,7 +343,7 @@ def write_report(target: str, storage: str | None = None, out: Path | None = Non
     """Render the report of a study (by file or name) into `out` and log it to its parent run."""
     handle, _ = load_existing(target, storage)
     spec = handle.spec
-    out = Path(out or Path("reports") / spec.name)
+    out = Path(out or tracking.local_store() / "reports" / spec.name)
     out.mkdir(parents=True, exist_ok=True)
     results = collect(handle.study)
     lines, figures, verdicts = render(handle, results, out)

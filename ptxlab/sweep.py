@@ -665,7 +665,7 @@ def _has_maps(client, run_id: str) -> bool:
     return any(item.path == MAPS_ARTIFACT for item in client.list_artifacts(run_id, "validation"))
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1)  # a grid's queue runs repeat by repeat: one source run after another
 def validation_predictions(run_id: str):
     """A finished run's stored validation maps, the truths of its validation split (rebuilt from
     its resolved config and checked against the stored ids) and its post-processing resolution."""
@@ -825,7 +825,7 @@ def load_existing(target: str, storage: str | None) -> tuple[StudyHandle, StudyF
     try:
         study = optuna.load_study(study_name=name, storage=store)
     except KeyError:
-        raise KeyError(f"no study {name!r} in {masked(url)}") from None
+        raise ValueError(f"no study {name!r} in {masked(url)}") from None
     if not study.user_attrs.get(READY_ATTR):
         raise ValueError(f"study {name!r} in {masked(url)} was not made by `ptxlab sweep`")
     definition = study.user_attrs[DEFINITION_ATTR]
@@ -1003,7 +1003,7 @@ class Worker:
             if counts.running:
                 time.sleep(self.poll_s)  # trials elsewhere may still fail and need a retry
             elif not counts.waiting or counts.finished >= self.budget:
-                reason = f"{counts.finished} of {self.budget} trials finished"
+                reason = "done"
                 break
         counts = tally(study.get_trials(deepcopy=False))
         if not counts.running:
@@ -1182,9 +1182,15 @@ class SweepResult:
     parent_run_id: str
     experiment: str
     counts: Tally
+    budget: int
     best: FrozenTrial | None
-    stopped: str
+    stopped: str  # done | timeout | workers done
     worker_failures: list[str]
+
+    @property
+    def unfinished(self) -> bool:
+        """Trials are still queued or running (e.g. after a timeout or a lost worker)."""
+        return bool(self.counts.waiting or self.counts.running)
 
 
 def run_sweep(study_file: Path | str, storage: str | None = None, workers: int = 1,
@@ -1214,12 +1220,13 @@ def run_sweep(study_file: Path | str, storage: str | None = None, workers: int =
         pick = max if loaded.spec.objective.direction == "maximize" else min
         best = pick(complete, key=lambda t: t.value)
     return SweepResult(loaded.spec.name, masked(url), handle.parent_run_id, handle.experiment,
-                       tally(trials), best, stopped, failures)
+                       tally(trials), wanted, best, stopped, failures)
 
 
 def _spawn_workers(loaded: StudyFile, url: str, workers: int, n_trials: int | None,
                    timeout: float | None, name: str | None) -> list[str]:
-    """N processes running this command with one worker each; their CPU threads split."""
+    """N processes running this command with one worker each (their logs on stderr, their
+    summaries dropped: the launcher prints one); their CPU threads split."""
     command = [sys.executable, "-m", "ptxlab", "sweep", str(loaded.path), "--workers", "1",
                "--name", loaded.spec.name]
     if n_trials:
@@ -1232,7 +1239,7 @@ def _spawn_workers(loaded: StudyFile, url: str, workers: int, n_trials: int | No
         env = {**os.environ, WORKER_ENV: str(index), "OPTUNA_STORAGE": url,
                "PTXLAB_PROGRESS": "0"}
         env.setdefault("OMP_NUM_THREADS", threads)
-        processes.append(subprocess.Popen(command, env=env))
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL))
     failures = []
     try:
         for index, process in enumerate(processes, start=1):

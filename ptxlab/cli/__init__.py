@@ -2,6 +2,8 @@
 
 import typer
 
+from ptxlab.cli import augment, data, evaluate, run, sweep, weights
+
 app = typer.Typer(
     name="ptxlab",
     help="Pneumothorax segmentation experiments: train, sweep, evaluate, predict; tracked in MLflow.",
@@ -10,26 +12,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Command groups register themselves below, one line each.
-from ptxlab.cli import run as _run  # noqa: E402
-
-app.command("run")(_run.run)
-app.command("ui")(_run.ui)
-app.add_typer(_run.config_app, name="config")
-from ptxlab.cli import data as _data  # noqa: E402
-
-app.add_typer(_data.app, name="data")
-from ptxlab.cli import weights as _weights  # noqa: E402
-
-app.add_typer(_weights.app, name="weights")
-from ptxlab.cli import augment as _augment  # noqa: E402
-
-app.add_typer(_augment.app, name="augment")
-from ptxlab.cli import evaluate as _evaluate  # noqa: E402
-
-app.command("evaluate")(_evaluate.evaluate)
-app.command("predict")(_evaluate.predict)
-from ptxlab.cli import sweep as _sweep  # noqa: E402
-
-app.command("sweep")(_sweep.sweep)
-app.command("report")(_sweep.report)
+app.command("run")(run.run)
+app.command("sweep")(sweep.sweep)
+app.command("report")(sweep.report)
+app.command("evaluate")(evaluate.evaluate)
+app.command("predict")(evaluate.predict)
+app.command("ui")(run.ui)
+app.add_typer(run.config_app, name="config")
+app.add_typer(data.app, name="data")
+app.add_typer(weights.app, name="weights")
+app.add_typer(augment.app, name="augment")

@@ -34,8 +34,9 @@ def sweep(
 
         result = run_sweep(study, storage, workers, n_trials, timeout, name)
     counts = result.counts
-    print(f"study {result.name} ({result.storage}): {counts.complete} complete, {counts.pruned} "
-          f"pruned, {counts.failed} failed, {counts.retried} retried, {counts.running} running, "
+    print(f"study {result.name} ({result.storage}): {counts.finished} of {result.budget} trials "
+          f"finished: {counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed "
+          f"({counts.retried} more lost with their worker and re-run); {counts.running} running, "
           f"{counts.waiting} queued ({result.stopped})")
     if result.best is not None:
         params = ", ".join(f"{k}={v}" for k, v in result.best.params.items())
@@ -43,9 +44,10 @@ def sweep(
               f"repeat {result.best.user_attrs.get('repeat')})")
     print(f"MLflow parent run {result.parent_run_id} (experiment '{result.experiment}'); "
           f"report: ptxlab report {study}")
-    if result.worker_failures:
-        for failure in result.worker_failures:
-            print(f"error: {failure}; run the command again to resume the study")
+    for failure in result.worker_failures:
+        print(f"{'error' if result.unfinished else 'warning'}: {failure}")
+    if result.worker_failures and result.unfinished:
+        print("run the command again to finish the study")
         raise typer.Exit(3)
 
 
@@ -53,7 +55,7 @@ def report(
     study: Annotated[str, typer.Argument(help="Study file or study name.")],
     storage: StorageOption = None,
     out: Annotated[Path | None, typer.Option(
-        help="Output folder (default: reports/<study>).", show_default=False)] = None,
+        help="Output folder (default: mlruns/reports/<study>).", show_default=False)] = None,
 ) -> None:
     """Effects with 95 % CIs over repeats, importances, best configuration and hypothesis
     verdicts of a study, as Markdown + PNG, also logged to the study's MLflow parent run."""

@@ -175,8 +175,11 @@ def materialize(spec: SyntheticSpec, root: Path, progress: bool = True) -> list[
             cv2.imwrite(str(tmp / "images" / f"phantom_{index:05d}.png"), image)
             cv2.imwrite(str(tmp / "masks" / f"phantom_{index:05d}.png"), mask * 255)
         (tmp / "COMPLETE").write_text(json.dumps(asdict(spec)))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        if (target / "COMPLETE").exists():  # another process finished first: keep its copy
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(target, ignore_errors=True)  # a half-written leftover
+            os.replace(tmp, target)
     names = [f"phantom_{index:05d}" for index in range(spec.n_images)]
     return [
         Case(name, target / "images" / f"{name}.png", is_positive(spec, index),
