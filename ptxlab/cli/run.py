@@ -43,8 +43,6 @@ def run(
     if nproc > 1 and "RANK" not in os.environ:
         raise typer.Exit(launch(nproc, _argv_without_nproc()))
     with fail_cleanly():
-        from ptxlab.experiment import run_experiment
-
         if resume:
             from ptxlab import tracking
             from ptxlab.experiment import RESOLVED_CONFIG_ARTIFACT
@@ -55,6 +53,8 @@ def run(
             resolved = load_config(tracking.download_artifact(resume, RESOLVED_CONFIG_ARTIFACT))
         else:
             resolved = load_config(config, overrides or [])
+        from ptxlab.experiment import run_experiment  # torch, smp, MLflow: after the config
+
         summary = run_experiment(resolved, config.read_text() if config else None,
                                  resume_run_id=resume)
     if not current().is_main:

@@ -1,0 +1,85 @@
+"""The command line: help for every command, one-line errors, and `ptxlab ui` really serving."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from typer.testing import CliRunner
+
+from ptxlab.cli import app
+
+runner = CliRunner()
+COMMANDS = ["run", "sweep", "report", "evaluate", "predict", "ui", "config", "data", "weights",
+            "augment"]
+
+
+def test_top_level_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", [["run"], ["sweep"], ["report"], ["evaluate"], ["predict"],
+                                     ["ui"], ["config", "show"], ["data", "check"],
+                                     ["weights", "import-lite0"], ["augment", "preview"]])
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_run_help_names_its_options():
+    output = runner.invoke(app, ["run", "--help"]).output
+    for option in ("--set", "--resume", "--nproc"):
+        assert option in output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "missing.yaml"], "missing.yaml: no such config file"),
+        (["run", "--set", "train.nope=1"], "unknown key 'train.nope'"),
+        (["config", "show", "--format", "xml"], "--format 'xml': allowed yaml, json"),
+        (["config", "show", "--set", "model.arch=SegFormer"], "model.arch: got 'SegFormer'"),
+    ],
+)
+def test_errors_are_one_line_with_exit_2(args, message, isolated_store):
+    result = subprocess.run([sys.executable, "-m", "ptxlab", *args], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_serves_the_local_store_on_loopback(isolated_store, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "ptxlab", "ui", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.read().decode().strip() == "OK"
+                    break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                assert time.monotonic() < deadline, "ptxlab ui did not come up"
+                time.sleep(0.5)
+        assert (isolated_store / "mlruns" / "mlflow.db").is_file()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
