@@ -15,9 +15,9 @@ import numpy as np
 from ptxlab import distributed, plots, tracking
 from ptxlab.augment import build_eval_transform, build_train_transform, serialize
 from ptxlab.config import Config
-from ptxlab.data.cases import Case, DataError
+from ptxlab.data.cases import Case
 from ptxlab.data.dataset import SegmentationDataset, stratified_split
-from ptxlab.data.sources import SYNTHETIC, load_source, manifest_digest, pair_loader
+from ptxlab.data.sources import SYNTHETIC, load_source, training_pairs
 from ptxlab.inference import Predictions, load_trained_model, predict
 from ptxlab.metrics import MetricAccumulator
 from ptxlab.postprocess import (
@@ -71,21 +71,18 @@ def prepare_data(config: Config, progress: bool = True) -> PreparedData:
     """Cases of the configured source, split, cached at training size, wrapped as datasets."""
     data = config.data
     cases = load_source(data, data.source, data.layout, progress=progress)
-    load, skipped = pair_loader(data, cases, progress=progress)
-    if skipped and not data.skip_bad:
-        case, problem = skipped[0]
-        raise DataError(case.image, problem)
-    bad = {case.case_id for case, _ in skipped}
+    pairs = training_pairs(data, cases, progress=progress)  # raises unless data.skip_bad
+    bad = {case.case_id for case, _ in pairs.skipped}
     usable = [case for case in cases if case.case_id not in bad]
     train_cases, val_cases = stratified_split(usable, data.val_fraction, config.seed,
                                               data.folds, data.fold)
     size = data.image_size
     train_transform = build_train_transform(config.augment.preset, config.augment.strength, size)
     return PreparedData(
-        train=SegmentationDataset(train_cases, load, train_transform, config.seed),
-        val=SegmentationDataset(val_cases, load, build_eval_transform(size), config.seed),
-        digest=manifest_digest(usable),
-        skipped=skipped,
+        train=SegmentationDataset(train_cases, pairs.load, train_transform, config.seed),
+        val=SegmentationDataset(val_cases, pairs.load, build_eval_transform(size), config.seed),
+        digest=pairs.digest,
+        skipped=pairs.skipped,
     )
 
 

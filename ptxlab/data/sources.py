@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,18 +40,33 @@ def read_pair(case: Case) -> tuple[np.ndarray, np.ndarray]:
     return image, read_mask(case, image.shape)
 
 
-def pair_loader(config: DataConfig, cases: Sequence[Case], progress: bool = True
-                ) -> tuple[PairLoader, list[tuple[Case, str]]]:
-    """A loader at training size (through the resized cache when enabled) and skipped cases."""
+@dataclass
+class TrainingPairs:
+    """How a run reads its cases at training size, which cases were skipped, and a digest."""
+
+    load: PairLoader
+    skipped: list[tuple[Case, str]]
+    digest: str
+
+
+def training_pairs(config: DataConfig, cases: Sequence[Case], progress: bool = True
+                   ) -> TrainingPairs:
+    """Through the resized cache when enabled (every case read and validated up front);
+    otherwise straight from the source files."""
     if not config.cache:
-        return read_pair, []
+        return TrainingPairs(read_pair, [], _fingerprint_digest(cases))
     cache = ResizedCache(cache_root(config) / "resized", config.image_size)
     skipped = cache.ensure(cases, skip_bad=config.skip_bad, progress=progress)
-    return cache.load, skipped
+    bad = {case.case_id for case, _ in skipped}
+    # Cache entries are named by the sha256 of their sources' content.
+    entries = [f"{c.case_id}|{c.positive}|{c.site}|{cache.entry_path(c).name}"
+               for c in cases if c.case_id not in bad]
+    digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()[:20]
+    return TrainingPairs(cache.load, skipped, digest)
 
 
-def manifest_digest(cases: Sequence[Case]) -> str:
-    """Digest of ids, labels and file fingerprints (size, mtime): changes when the data does."""
+def _fingerprint_digest(cases: Sequence[Case]) -> str:
+    """Without the cache: ids, labels and file fingerprints (size, mtime), not content."""
     digest = hashlib.sha256()
     for case in cases:
         digest.update(f"{case.case_id}|{case.positive}|{case.site}|".encode())
