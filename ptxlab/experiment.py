@@ -46,6 +46,7 @@ RESOLVED_CONFIG_ARTIFACT = "config/config.yaml"  # defaults + file + overrides
 class RunSummary:
     run_id: str
     experiment: str
+    experiment_id: str
     best_epoch: int
     stopped_by: str
     metrics: dict[str, float] = field(default_factory=dict)
@@ -147,8 +148,8 @@ def run_experiment(
         except NonFiniteLossError as error:
             tracking.end_failed(run_id, f"non-finite loss: {error}")
             raise
-        summary = RunSummary(run_id, config.tracking.experiment, result.best_epoch,
-                             result.stopped_by)
+        summary = RunSummary(run_id, config.tracking.experiment, run.info.experiment_id,
+                             result.best_epoch, result.stopped_by)
         if result.best_epoch < 0:
             return summary
         tracking.set_tags({"ptxlab.stopped_by": result.stopped_by,
@@ -172,7 +173,8 @@ def _train_as_other_rank(config: Config, ranks: distributed.Ranks) -> RunSummary
     run_id, resume_from = distributed.broadcast(None, ranks)
     data = prepare_data(config, progress=False)
     result = train(config, data.train, data.val, checkpoint_dir(run_id), None, resume_from)
-    return RunSummary(run_id, config.tracking.experiment, result.best_epoch, result.stopped_by)
+    return RunSummary(run_id, config.tracking.experiment, "", result.best_epoch,
+                      result.stopped_by)
 
 
 class _Callbacks(TrainingCallbacks):

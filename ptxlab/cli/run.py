@@ -70,7 +70,8 @@ def run(
         test = summary.test_metrics
         print(f"test set ({resolved.data.test_source}): Dice {test['pooled_dice']:.4f}  "
               f"IoU {test['pooled_iou']:.4f}  per-image mean Dice {test['mean_dice']:.4f}")
-    print(f"open it: ptxlab ui   (experiment '{summary.experiment}')")
+    print(f"open it: ptxlab ui, then http://127.0.0.1:5000/#/experiments/"
+          f"{summary.experiment_id}/runs/{summary.run_id}")
 
 
 def _argv_without_nproc() -> list[str]:
@@ -109,7 +110,9 @@ def ui(
     command = [mlflow_cli, "ui", "--host", "127.0.0.1", "--port", str(port),
                "--backend-store-uri", uri]
     console.print(f"MLflow UI on http://127.0.0.1:{port} (store: {uri}); Ctrl+C stops it")
-    raise typer.Exit(subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri}))
+    # MLflow's background job runner (GenAI judges, schedules) is not needed to browse runs.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    raise typer.Exit(subprocess.call(command, env=env))
 
 
 config_app.command("show")(show)

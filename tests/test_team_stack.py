@@ -1,0 +1,200 @@
+"""The team stack of docker-compose.yml without Docker: a real `mlflow server` on a throwaway
+PostgreSQL database that stores and serves the artifacts, a two-worker smoke sweep whose Optuna
+study lives in PostgreSQL too, and the MLflow UI of that server in headless Chromium."""
+
+import base64
+import json
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
+
+from ptxlab.sweep import PARENT_ATTR
+from tests.conftest import service_unavailable
+from tests.servers import (
+    MlflowServer,
+    chromium_problem,
+    headless_chromium,
+    mlflow_server,
+    postgres_problem,
+    run_bounded,
+    throwaway_database,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.service]
+
+ROOT = Path(__file__).parents[1]
+SWEEP_TIMEOUT_S = 300
+UI_TIMEOUT_S = 90
+FIGURE = "plots/learning_curves.png"
+EPOCHS = 4
+
+
+@dataclass
+class Sweep:
+    """A finished smoke sweep on the team server: its study and where MLflow holds it."""
+
+    server: MlflowServer
+    study: str
+    trials: list[FrozenTrial]
+    parent_run_id: str
+    experiment_id: str
+    workdir: Path  # the working directory of `ptxlab sweep`
+
+    @property
+    def complete(self) -> list[FrozenTrial]:
+        return [t for t in self.trials if t.state == TrialState.COMPLETE]
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.server.url)
+
+
+def write_tiny_smoke_study(directory: Path) -> Path:
+    """The shipped smoke study cut to four trials (two learning rates, two seeds), with a unique
+    name, an absolute base and heartbeats that a busy two-core machine cannot miss."""
+    tree = yaml.safe_load((ROOT / "experiments" / "studies" / "smoke.yaml").read_text())
+    tree.update(name=f"team-{uuid.uuid4().hex[:10]}", base=str(ROOT / "experiments" / "default.yaml"),
+                space={"optim.lr": {"type": "categorical", "choices": [0.003, 1.0e-7]}},
+                repeats=2, hypotheses=[], heartbeat={"interval": 5, "grace_period": 120})
+    tree["set"].update({"augment.preset": "light", "train.epochs": EPOCHS})
+    path = directory / f"{tree['name']}.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def team_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    """`mlflow server` on a throwaway PostgreSQL database, serving artifacts from a tmp dir."""
+    problem = postgres_problem()
+    if problem:
+        service_unavailable(problem)
+    workdir = tmp_path_factory.mktemp("mlflow-server")
+    with (throwaway_database("ptxlab_test_mlflow") as backend,
+          mlflow_server(backend, workdir) as server):
+        yield server
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(team_server, tmp_path_factory) -> Sweep:
+    """`python -m ptxlab sweep --workers 2` against the team server, with the Optuna study in a
+    second throwaway database (read, then dropped)."""
+    files = tmp_path_factory.mktemp("sweep-files")
+    workdir = tmp_path_factory.mktemp("sweep-workdir")
+    study_file = write_tiny_smoke_study(files)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": team_server.url,
+           "PTXLAB_CACHE": str(files / "cache"), "PTXLAB_CHECKPOINTS": str(files / "checkpoints"),
+           "PTXLAB_PROGRESS": "0"}
+    with throwaway_database("ptxlab_test_optuna") as storage_url:
+        finished = run_bounded(
+            [sys.executable, "-m", "ptxlab", "sweep", str(study_file), "--storage", storage_url,
+             "--workers", "2"], timeout=SWEEP_TIMEOUT_S, cwd=workdir, env=env)
+        assert finished.returncode == 0, finished.output[-4000:]
+        storage = optuna.storages.RDBStorage(storage_url)
+        try:
+            study = optuna.load_study(study_name=study_file.stem, storage=storage)
+            trials, parent_run_id = study.get_trials(), study.user_attrs[PARENT_ATTR]
+        finally:
+            storage.engine.dispose()
+    client = MlflowClient(tracking_uri=team_server.url)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return Sweep(team_server, study_file.stem, trials, parent_run_id, experiment_id, workdir)
+
+
+def test_a_two_worker_sweep_logs_to_the_team_server(smoke_sweep, tmp_path):
+    sweep = smoke_sweep
+    client = sweep.client()
+    assert len(sweep.complete) == len(sweep.trials) == 4, [t.state for t in sweep.trials]
+
+    (parent,) = client.search_runs(
+        [sweep.experiment_id],
+        f"tags.`ptxlab.role` = 'study' and tags.`ptxlab.study` = '{sweep.study}'")
+    assert parent.info.run_id == sweep.parent_run_id
+    assert parent.info.run_name == sweep.study and parent.info.status == "FINISHED"
+
+    children = client.search_runs([sweep.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}'")
+    by_id = {run.info.run_id: run for run in children}
+    assert sorted(by_id) == sorted(t.user_attrs["mlflow_run_id"] for t in sweep.complete)
+    for trial in sweep.complete:
+        run = by_id[trial.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"{sweep.study}-{trial.number:04d}"
+        assert run.data.tags["optuna.state"] == "COMPLETE"
+        assert run.data.tags["optuna.param.optim.lr"] == str(trial.params["optim.lr"])
+        assert run.data.metrics["best_val_pooled_iou"] == pytest.approx(trial.value)
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert sorted(m.step for m in history) == list(range(EPOCHS))
+
+    # Artifacts go through the server into its --artifacts-destination, not into ./mlruns.
+    run = by_id[sweep.complete[0].user_attrs["mlflow_run_id"]]
+    artifact_uri = urlparse(run.info.artifact_uri)
+    assert artifact_uri.scheme == "mlflow-artifacts", run.info.artifact_uri
+    stored = sweep.server.artifacts / artifact_uri.path.lstrip("/")
+    postprocess = json.loads(Path(client.download_artifacts(
+        run.info.run_id, "model/postprocess.json", str(tmp_path))).read_text())
+    chosen = {key.removeprefix("chosen.postprocess."): value
+              for key, value in run.data.params.items() if key.startswith("chosen.postprocess.")}
+    assert {key: str(value) for key, value in postprocess.items()} == chosen
+    assert json.loads((stored / "model" / "postprocess.json").read_text()) == postprocess
+    figure = Path(client.download_artifacts(run.info.run_id, FIGURE, str(tmp_path))).read_bytes()
+    assert figure.startswith(b"\x89PNG\r\n\x1a\n")
+    assert (stored / FIGURE).read_bytes() == figure
+    assert list(sweep.workdir.iterdir()) == []
+    assert sorted(p.name for p in sweep.server.workdir.iterdir()) == ["artifacts", "server.log"]
+
+
+def test_the_mlflow_ui_lists_the_sweep_and_shows_a_logged_figure(smoke_sweep, tmp_path):
+    problem = chromium_problem()
+    if problem:
+        service_unavailable(problem)
+    sweep = smoke_sweep
+    url = sweep.server.url
+    child_names = sorted(f"{sweep.study}-{t.number:04d}" for t in sweep.complete)
+    child_run_id = sweep.complete[0].user_attrs["mlflow_run_id"]
+    figure = sweep.client().download_artifacts(child_run_id, FIGURE, str(tmp_path))
+    with headless_chromium(tmp_path / "chromium-profile") as browser:
+
+        def page_text() -> str:
+            return browser.find_element("tag name", "body").text
+
+        # MLflow 3.17 opens an experiment on its GenAI overview unless told the workflow.
+        browser.get(f"{url}/#/experiments/{sweep.experiment_id}?workflowType=machine_learning")
+        wait_until(lambda: sweep.study in page_text(), UI_TIMEOUT_S, "the parent run listed")
+        assert f"#/experiments/{sweep.experiment_id}/runs?" in browser.current_url
+        # Child runs sit folded under their parent: unfold it with the button of its name cell.
+        browser.find_element(
+            "xpath", f"//div[@role='row'][.//a[normalize-space()='{sweep.study}']]"
+                     "//button[contains(@data-component-id, 'runnamecellrenderer')]").click()
+        wait_until(lambda: all(name in page_text() for name in child_names), UI_TIMEOUT_S,
+                   f"child runs {child_names} listed")
+        browser.save_screenshot(str(tmp_path / "runs.png"))
+
+        browser.get(f"{url}/#/experiments/{sweep.experiment_id}/runs/{child_run_id}/artifacts/"
+                    f"{FIGURE}")
+        shown = wait_until(lambda: browser.execute_script(
+            "return Array.from(document.images).find(img => img.alt === arguments[0]"
+            " && img.complete && img.naturalWidth > 0) || null", FIGURE),
+            UI_TIMEOUT_S, f"{FIGURE} shown")
+        browser.save_screenshot(str(tmp_path / "figure.png"))
+        requested = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(entry => entry.name)")
+        # The UI fetches the artifact from the server, then shows it from a blob: URL.
+        shown_bytes = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch(arguments[0].src).then(r => r.blob()).then(blob => {"
+            "  const reader = new FileReader();"
+            "  reader.onload = () => done(reader.result.split(',')[1]);"
+            "  reader.readAsDataURL(blob); });", shown)
+    assert (f"{url}/get-artifact?path={FIGURE.replace('/', '%2F')}&run_uuid={child_run_id}"
+            in requested)
+    assert base64.b64decode(shown_bytes) == Path(figure).read_bytes()
