@@ -34,13 +34,17 @@ def local_store() -> Path:
     return Path.cwd() / STORE_DIR
 
 
+def local_store_uri() -> str:
+    return f"sqlite:///{local_store() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, or the local SQLite store under ./mlruns (created on demand)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     local_store().mkdir(exist_ok=True)
-    return f"sqlite:///{local_store() / 'mlflow.db'}"
+    return local_store_uri()
 
 
 def configure() -> MlflowClient:
@@ -54,7 +58,7 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
+    if mlflow.get_tracking_uri() == local_store_uri():
         location = (local_store() / "artifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)

@@ -116,3 +116,12 @@ def test_triplet_rule_is_searched_when_configured(isolated_store):
     assert set(summary.postprocess) >= {"top_threshold", "min_top_area", "bottom_threshold"}
     params = MlflowClient().get_run(summary.run_id).data.params
     assert params["chosen.postprocess.kind"] == "triplet"
+
+
+@pytest.mark.slow
+def test_default_store_is_sqlite_plus_artifacts_under_mlruns(isolated_store, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    summary = run_experiment(load_config(None, TINY_RUN + ["train.epochs=1"]), progress=False)
+    store = isolated_store / "mlruns"
+    assert (store / "mlflow.db").is_file()
+    assert (store / "artifacts" / summary.run_id / "artifacts" / "model" / "best.pt").is_file()
