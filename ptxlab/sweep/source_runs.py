@@ -1,0 +1,63 @@
+"""The finished runs a `postprocess` study scores: choosing them, loading their validation maps."""
+
+from __future__ import annotations
+
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ptxlab import tracking
+from ptxlab.config import load_config
+from ptxlab.sweep.study_file import SourceSpec
+
+MAPS_ARTIFACT = "validation/val_probabilities.npz"
+
+
+def resolve_source_runs(source: SourceSpec, count: int) -> list[str]:
+    """The listed runs, or the newest `count` finished runs of the experiment with maps."""
+    client = tracking.configure()
+    if source.runs:
+        for run_id in source.runs:
+            if not _has_maps(client, run_id):
+                raise FileNotFoundError(f"run {run_id} has no {MAPS_ARTIFACT}")
+        return list(source.runs)
+    experiment = client.get_experiment_by_name(source.experiment)
+    if experiment is None:
+        raise ValueError(f"source.experiment {source.experiment!r} does not exist")
+    query = "attributes.status = 'FINISHED'" + (f" and {source.filter}" if source.filter else "")
+    found = []
+    for run in client.search_runs([experiment.experiment_id], query,
+                                  order_by=["attributes.start_time DESC"], max_results=200):
+        if _has_maps(client, run.info.run_id):
+            found.append(run.info.run_id)
+        if len(found) == count:
+            return found
+    raise ValueError(f"source: {len(found)} finished runs with validation maps in experiment "
+                     f"{source.experiment!r}, the study needs repeats={count}")
+
+
+def _has_maps(client, run_id: str) -> bool:
+    return any(item.path == MAPS_ARTIFACT for item in client.list_artifacts(run_id, "validation"))
+
+
+@lru_cache(maxsize=1)  # a grid's queue runs repeat by repeat: one source run after another
+def validation_predictions(run_id: str):
+    """A finished run's stored validation maps, the truths of its validation split (rebuilt from
+    its resolved config and checked against the stored ids) and its post-processing resolution."""
+    from ptxlab.experiment import RESOLVED_CONFIG_ARTIFACT, prepare_data
+    from ptxlab.inference import Predictions
+    from ptxlab.postprocess import load_probability_maps
+
+    with tempfile.TemporaryDirectory(prefix="ptxlab-maps-") as workdir:
+        ids, probs = load_probability_maps(
+            tracking.download_artifact(run_id, MAPS_ARTIFACT, Path(workdir)))
+        config = load_config(
+            tracking.download_artifact(run_id, RESOLVED_CONFIG_ARTIFACT, Path(workdir)))
+    data = prepare_data(config, progress=False)
+    if [case.case_id for case in data.val.cases] != ids:
+        raise RuntimeError(f"run {run_id}: its validation split no longer matches its stored "
+                           "maps (has the data changed?)")
+    truths = np.stack([data.val[i][1][0].numpy().astype(bool) for i in range(len(data.val))])
+    return Predictions(ids, probs, truths, None), config.postprocess.resolution

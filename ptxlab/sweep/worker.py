@@ -1,0 +1,257 @@
+"""The worker: takes the study's trials one at a time, keeps each one's heartbeat, and trains
+(or post-processes) and scores it as a child run of the study's parent run."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import mlflow
+import optuna
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import fail_stale_trials
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from ptxlab import tracking
+from ptxlab.sweep.runs import finish_child_run, set_parent_status
+from ptxlab.sweep.source_runs import validation_predictions
+from ptxlab.sweep.storage import StaleTrialHandler
+from ptxlab.sweep.study import StudyHandle, Tally, tally
+from ptxlab.sweep.study_file import Label, build_config, build_postprocessing
+from ptxlab.train import StopTraining, TrainingCallbacks
+
+
+@contextmanager
+def _heartbeat(storage: optuna.storages.BaseStorage, trial_id: int, interval: int,
+               log: Callable[[str], None]) -> Iterator[None]:
+    """Record the trial's heartbeat every `interval` seconds from a thread while it runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as error:  # a storage hiccup must not end the heartbeats
+                log(f"heartbeat of trial id {trial_id} not recorded: {error}")
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _TrialReporter(TrainingCallbacks):
+    """Stores the child run id, reports the pruning metric each epoch, stops pruned trials."""
+
+    def __init__(self, trial: Trial, metric: str):
+        self.trial = trial
+        self.metric = metric
+        self.epochs = 0
+        self.pruned: str | None = None
+
+    def on_train_start(self, info: dict) -> None:
+        self.trial.set_user_attr("mlflow_run_id", mlflow.active_run().info.run_id)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.epochs = epoch + 1
+        value = metrics.get(self.metric, math.nan)
+        if not math.isfinite(value):
+            return
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            self.pruned = f"pruned after epoch {epoch + 1}: {self.metric} {value:.4f}"
+            raise StopTraining
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (float(v) if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+class Worker:
+    """Takes trials of one study until its budget is met, its queue is empty or time is up."""
+
+    def __init__(self, handle: StudyHandle, budget: int, timeout: float | None,
+                 log: Callable[[str], None]):
+        self.handle = handle
+        self.spec = handle.spec
+        self.budget = budget
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.log = log
+        self.poll_s = min(self.spec.heartbeat.interval, 5)
+
+    def run(self) -> str:
+        """Work until done; returns why it stopped."""
+        study = self.handle.study
+        set_parent_status(self.handle.parent_run_id, "RUNNING")
+        while True:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                reason = "timeout"
+                break
+            with warnings.catch_warnings():  # stable in practice; Optuna still labels it
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                fail_stale_trials(study)
+            trial = self._next_trial(tally(study.get_trials(deepcopy=False)))
+            if trial is not None:
+                self._run_trial(trial)
+                continue
+            counts = tally(study.get_trials(deepcopy=False))
+            if counts.running:
+                time.sleep(self.poll_s)  # trials elsewhere may still fail and need a retry
+            elif not counts.waiting or counts.finished >= self.budget:
+                reason = "done"
+                break
+        counts = tally(study.get_trials(deepcopy=False))
+        if not counts.running:
+            set_parent_status(self.handle.parent_run_id, "FINISHED")
+        return reason
+
+    def _next_trial(self, counts: Tally) -> Trial | None:
+        """A queued trial (grid point, repeat, retry), else a freshly sampled configuration if
+        all its repeats fit the budget; None when neither is possible now."""
+        if counts.finished + counts.running >= self.budget:
+            return None
+        trial_id = self._pop_waiting()
+        if trial_id is not None:
+            return Trial(self.handle.study, trial_id)
+        pending = counts.finished + counts.running + counts.waiting
+        if self.spec.sampler.type != "grid" and pending + self.spec.repeats <= self.budget:
+            with warnings.catch_warnings():  # this loop keeps the heartbeats, not optimize()
+                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                return self.handle.study.ask()
+        return None
+
+    def _pop_waiting(self) -> int | None:
+        """Atomically claim the first WAITING trial (the storage lets one worker win)."""
+        storage = self.handle.storage
+        for frozen in self.handle.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            trial_id = self.handle.trial_id(frozen.number)
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return trial_id
+            except UpdateFinishedTrialError:
+                continue
+        return None
+
+    def _run_trial(self, trial: Trial) -> None:
+        handle = self.handle
+        started = time.monotonic()
+        trial_id = handle.trial_id(trial.number)
+        values, reason = None, None
+        with _heartbeat(handle.storage, trial_id, self.spec.heartbeat.interval, self.log):
+            try:
+                values = self._objective(trial)
+                state = TrialState.COMPLETE
+            except optuna.TrialPruned as pruned:
+                state, reason = TrialState.PRUNED, str(pruned)
+            except KeyboardInterrupt:
+                frozen = handle.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                StaleTrialHandler(self.spec.heartbeat.max_retry)(
+                    handle.study, frozen, cause=f"interrupted on worker {self.name}")
+                raise
+            except Exception as error:
+                state, reason = TrialState.FAIL, f"{type(error).__name__}: {error}"
+                trial.set_user_attr("fail_reason", reason[:4000])
+        frozen = handle.study.tell(trial, values, state=state, skip_if_finished=True)
+        if frozen.state != state:
+            self.log(f"trial {trial.number} was declared stale while it ran; its result is "
+                     "discarded (the retry stands)")
+            return
+        finish_child_run(handle.parent_run_id, trial.number, state.name, reason,
+                         status="FAILED" if state == TrialState.FAIL else None)
+        self._log_progress(frozen, time.monotonic() - started, reason)
+
+    def _objective(self, trial: Trial) -> float:
+        """Suggest the active dimensions, then train (or post-process) and score."""
+        params: dict[str, Label] = {}
+        for name, dim in self.spec.space.items():
+            if dim.active(params):
+                params[name] = dim.suggest(trial, name)
+        repeat = trial.user_attrs.get("repeat")
+        if repeat is None:  # a freshly sampled configuration: queue its other repeats
+            repeat = 0
+            trial.set_user_attr("repeat", 0)
+            for other in range(1, self.spec.repeats):
+                self.handle.study.enqueue_trial(params, user_attrs={"repeat": other})
+        trial.set_user_attr("worker", self.name)
+        system_attrs = self.handle.storage.get_trial(self.handle.trial_id(trial.number)).system_attrs
+        tags = {"ptxlab.study": self.spec.name, "optuna.study": self.spec.name,
+                "optuna.trial_number": str(trial.number), "ptxlab.repeat": str(repeat),
+                "ptxlab.worker": self.name,
+                **{f"optuna.param.{k}": str(v) for k, v in params.items()}}
+        if "failed_trial" in system_attrs:
+            tags["ptxlab.retry_of_trial"] = str(system_attrs["retry_history"][-1])
+        run_name = f"{self.spec.name}-{trial.number:04d}"
+        if self.spec.mode == "postprocess":
+            return self._postprocess(trial, params, repeat, tags, run_name)
+        return self._train(trial, params, repeat, tags, run_name)
+
+    def _train(self, trial: Trial, params: dict[str, Label], repeat: int, tags: dict[str, str],
+               run_name: str) -> float:
+        from ptxlab.experiment import run_experiment
+
+        base = self.handle.base_config
+        overrides = {**self.spec.overrides_for(params), "seed": base["seed"] + repeat,
+                     "tracking.run_name": run_name, "tracking.experiment": self.handle.experiment}
+        config = build_config(base, overrides, f"trial {trial.number}")
+        trial.set_user_attr("seed", config.seed)
+        reporter = _TrialReporter(trial, self.spec.pruner.metric)
+        summary = run_experiment(config, parent_run_id=self.handle.parent_run_id, tags=tags,
+                                 extra_callbacks=reporter, progress=False)
+        trial.set_user_attr("epochs_trained", reporter.epochs)
+        trial.set_user_attr("stopped_by", summary.stopped_by)
+        if summary.metrics:
+            trial.set_user_attr("metrics", _finite(summary.metrics))
+        if reporter.pruned:
+            raise optuna.TrialPruned(reporter.pruned)
+        return self._score(summary.metrics)
+
+    def _postprocess(self, trial: Trial, params: dict[str, Label], repeat: int,
+                     tags: dict[str, str], run_name: str) -> float:
+        from ptxlab.experiment import score
+
+        source = self.handle.definition["source_runs"][repeat]
+        predictions, resolution = validation_predictions(source)
+        rule = build_postprocessing(self.spec.overrides_for(params), resolution,
+                                    f"trial {trial.number}")
+        metrics = score(predictions, rule)
+        with tracking.open_run(self.handle.experiment, run_name,
+                               parent_run_id=self.handle.parent_run_id,
+                               tags={**tags, "ptxlab.source_run": source},
+                               system_metrics=False) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            tracking.log_params({"source_run": source,
+                                 **{f"postprocess.{k}": v for k, v in rule.to_dict().items()}})
+            tracking.log_metrics({f"best_val_{k}": v for k, v in metrics.items()})
+        trial.set_user_attr("source_run", source)
+        trial.set_user_attr("metrics", _finite(metrics))
+        return self._score(metrics)
+
+    def _score(self, metrics: dict[str, float]) -> float:
+        key = self.spec.objective.metric
+        value = metrics.get(key, math.nan)
+        if not math.isfinite(value):
+            raise RuntimeError(f"objective best_val_{key} is undefined for this run ({value})")
+        return float(value)
+
+    def _log_progress(self, frozen: FrozenTrial, seconds: float, reason: str | None) -> None:
+        params = ", ".join(f"{k}={v}" for k, v in frozen.params.items())
+        outcome = (f"best_val_{self.spec.objective.metric}={frozen.value:.4f}"
+                   if frozen.state == TrialState.COMPLETE else reason)
+        self.log(f"trial {frozen.number} {frozen.state.name} in {seconds:.0f} s: {outcome} "
+                 f"({params}; repeat {frozen.user_attrs.get('repeat')})")
+        if frozen.state == TrialState.COMPLETE:
+            client = tracking.configure()
+            client.log_metric(self.handle.parent_run_id, f"trial_{self.spec.objective.metric}",
+                              frozen.value, step=frozen.number)
