@@ -7,7 +7,15 @@ import torch
 
 from ptxlab.config import load_config
 from ptxlab.experiment import prepare_data
-from ptxlab.train import _cosine, effective_lr, plan_steps, train
+from ptxlab.model import build_model
+from ptxlab.train import (
+    TrainingCallbacks,
+    _cosine,
+    effective_lr,
+    plan_steps,
+    seed_everything,
+    train,
+)
 from tests.conftest import TINY_RUN
 
 
@@ -50,3 +58,27 @@ def test_fixed_updates_stop_at_max_steps_with_accumulation(isolated_store):
     assert result.history[-1]["lr"] == pytest.approx(_cosine(4, 5, config.optim.lr,
                                                               config.optim.lr_min))
     assert result.stopped_by == "max_steps"
+
+
+@pytest.mark.slow
+def test_frozen_encoder_stays_put_for_its_epochs_then_trains(isolated_store):
+    config = load_config(None, TINY_RUN + ["model.freeze_encoder_epochs=1",
+                                           "train.early_stopping_patience=0"])
+    seed_everything(config.seed)
+    initial, _ = build_model(config.model)  # train() builds the same network from the seed
+    snapshots = {}
+
+    class Snapshot(TrainingCallbacks):
+        def on_checkpoint(self, epoch, path, is_best):
+            if not is_best:
+                snapshots[epoch] = torch.load(path, weights_only=False)["model"]
+
+    data = prepare_data(config, progress=False)
+    train(config, data.train, data.val, isolated_store / "work", Snapshot())
+    names = [name for name, _ in initial.encoder.named_parameters()]
+    start = {f"encoder.{n}": p for n, p in initial.encoder.named_parameters()}
+    assert all(torch.equal(snapshots[0][f"encoder.{n}"], start[f"encoder.{n}"]) for n in names)
+    assert any(not torch.equal(snapshots[1][f"encoder.{n}"], start[f"encoder.{n}"])
+               for n in names)
+    decoder = [k for k in snapshots[0] if k.startswith("decoder.") and k.endswith("weight")]
+    assert any(not torch.equal(snapshots[0][k], initial.state_dict()[k]) for k in decoder)
