@@ -1,8 +1,10 @@
 """Shared pytest fixtures."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 
 SIIM_SAMPLE = Path(__file__).parents[1].parent / "shared/data/siim-sample"
@@ -32,14 +34,22 @@ TINY_RUN = [
 
 
 @pytest.fixture
-def isolated_store(tmp_path, monkeypatch) -> Path:
-    """MLflow store, caches and checkpoints inside tmp_path; the working directory too."""
+def isolated_store(tmp_path, monkeypatch) -> Iterator[Path]:
+    """MLflow store, caches and checkpoints inside tmp_path; the working directory too.
+
+    MLflow also keeps the tracking URI in a module global (set by `mlflow.set_tracking_uri`,
+    which ptxlab calls); it is pointed here and cleared afterwards, so no test's client reads
+    an earlier test's store.
+    """
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("PTXLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PTXLAB_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("PTXLAB_PROGRESS", "0")
-    return tmp_path
+    mlflow.set_tracking_uri(uri)
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
 
 
 def service_unavailable(reason: str) -> None:

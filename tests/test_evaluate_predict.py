@@ -14,6 +14,7 @@ from itertools import product
 from pathlib import Path
 
 import cv2
+import mlflow
 import numpy as np
 import pydicom
 import pytest
@@ -82,6 +83,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
         summary = run_experiment(load_config(None, TINY_RUN), progress=False)
         assert summary.best_epoch == 0
         yield Trained(summary.run_id, root)
+    mlflow.set_tracking_uri(None)  # ptxlab pointed MLflow's global URI at this module's store
 
 
 def sample_rows() -> list[dict[str, str]]:

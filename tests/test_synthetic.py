@@ -1,5 +1,8 @@
 """The embedded phantom data: deterministic, labelled correctly, readable as a folder layout."""
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
 import cv2
 import numpy as np
 
@@ -55,3 +58,14 @@ def test_materialize_writes_a_folder_layout_once(tmp_path):
     stamp = cases[0].image.stat().st_mtime_ns
     assert materialize(spec, tmp_path, progress=False) == cases
     assert cases[0].image.stat().st_mtime_ns == stamp  # not regenerated
+
+
+def test_processes_asking_at_once_get_one_complete_copy(tmp_path):
+    spec = SyntheticSpec(n_images=30, positive_fraction=0.5, size=96, seed=7)
+    with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(materialize, [spec] * 3, [tmp_path] * 3, [False] * 3))
+    assert results[0] == results[1] == results[2]
+    folders = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    assert folders == [f"synthetic-{spec.digest()}"]  # no temporary copy left behind
+    for case in results[0]:
+        assert read_image(case).shape == (96, 96)

@@ -10,6 +10,7 @@ It is a demo and test fixture that exercises the whole pipeline, not a claim abo
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -158,31 +159,40 @@ def render_dataset_case(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np
 
 
 def materialize(spec: SyntheticSpec, root: Path, progress: bool = True) -> list[Case]:
-    """Write the data set as a `folder` layout (images/, masks/ PNG) under root/<digest>/ once."""
-    target = Path(root) / f"synthetic-{spec.digest()}"
-    if not (target / "COMPLETE").exists():
-        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "images").mkdir(parents=True)
-        (tmp / "masks").mkdir()
-        indices = range(spec.n_images)
-        if progress:
-            from tqdm import tqdm
+    """Write the data set as a `folder` layout (images/, masks/ PNG) under root/<digest>/ once.
 
-            indices = tqdm(indices, desc="synthetic data", unit="img", leave=False)
-        for index in indices:
-            image, mask = render_dataset_case(spec, index)
-            cv2.imwrite(str(tmp / "images" / f"phantom_{index:05d}.png"), image)
-            cv2.imwrite(str(tmp / "masks" / f"phantom_{index:05d}.png"), mask * 255)
-        (tmp / "COMPLETE").write_text(json.dumps(asdict(spec)))
-        if (target / "COMPLETE").exists():  # another process finished first: keep its copy
-            shutil.rmtree(tmp)
-        else:
-            shutil.rmtree(target, ignore_errors=True)  # a half-written leftover
-            os.replace(tmp, target)
+    Several processes may ask at once (sweep workers, DDP ranks): a file lock lets the first
+    write it while the others wait, and a half-written folder is never visible or deleted
+    under a reader.
+    """
+    target = Path(root) / f"synthetic-{spec.digest()}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "COMPLETE").exists():
+            _write(spec, target, progress)
     names = [f"phantom_{index:05d}" for index in range(spec.n_images)]
     return [
         Case(name, target / "images" / f"{name}.png", is_positive(spec, index),
              mask=target / "masks" / f"{name}.png")
         for index, name in enumerate(names)
     ]
+
+
+def _write(spec: SyntheticSpec, target: Path, progress: bool) -> None:
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    (tmp / "masks").mkdir()
+    indices = range(spec.n_images)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="synthetic data", unit="img", leave=False)
+    for index in indices:
+        image, mask = render_dataset_case(spec, index)
+        cv2.imwrite(str(tmp / "images" / f"phantom_{index:05d}.png"), image)
+        cv2.imwrite(str(tmp / "masks" / f"phantom_{index:05d}.png"), mask * 255)
+    (tmp / "COMPLETE").write_text(json.dumps(asdict(spec)))
+    shutil.rmtree(target, ignore_errors=True)  # a leftover of a killed writer
+    os.replace(tmp, target)
