@@ -215,20 +215,23 @@ def _describe(error: ValidationError, source: str) -> str:
     return f"{source}: {key}: {message}"
 
 
+def read_yaml_mapping(path: Path, kind: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; problems are one line naming the file."""
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {kind} file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return tree
+
+
 def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults), apply overrides, validate. Errors are one line."""
     source = str(path) if path else "defaults"
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    tree = read_yaml_mapping(Path(path), "config") if path is not None else {}
     tree = apply_overrides(tree, overrides or [])
     try:
         return Config.model_validate(tree)

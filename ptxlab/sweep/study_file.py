@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -59,7 +58,7 @@ from pydantic import (
     model_validator,
 )
 
-from ptxlab.config import Config, ConfigError, load_config
+from ptxlab.config import Config, ConfigError, load_config, read_yaml_mapping
 from ptxlab.metrics import METRIC_KEYS
 from ptxlab.postprocess import PostProcessing
 
@@ -344,15 +343,8 @@ class StudyFile:
 def load_study_file(path: Path | str, name: str | None = None) -> StudyFile:
     """Read and validate a study file (name: its `name`, else `name` argument, else file stem)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-        tree = yaml.safe_load(text) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such study file") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    tree = read_yaml_mapping(path, "study")
+    text = path.read_text()
     tree.setdefault("name", path.stem)
     if name:
         tree["name"] = name
