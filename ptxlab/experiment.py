@@ -204,7 +204,8 @@ def _finalize(config: Config, data: PreparedData, best_checkpoint: Path, workdir
     model, _ = load_trained_model(best_checkpoint, device)
     predictions = predict(model, data.val, device, config.train.batch_size, progress=progress)
     maps_path = workdir / "val_probabilities.npz"
-    save_probability_maps(maps_path, predictions.ids, predictions.probs)
+    save_probability_maps(maps_path, predictions.ids, predictions.probs, predictions.truths,
+                          predictions.class_probs)
     tracking.log_artifact(maps_path, "validation")
 
     chosen = choose_postprocessing(config, predictions)

@@ -490,16 +490,44 @@ def search_gate(
     )
 
 
-def save_probability_maps(path: str | Path, ids: Sequence[str], probs: np.ndarray) -> None:
-    """Store (N, H, W) maps with their ids as a compressed .npz, quantised to uint8."""
+@dataclass(frozen=True)
+class StoredMaps:
+    """Validation maps as a run stores them: enough to re-search post-processing later."""
+
+    ids: list[str]
+    probs: np.ndarray  # (N, H, W) uint8, round(p * 255)
+    truths: np.ndarray | None = None  # (N, H, W) bool at the maps' resolution
+    head_probs: np.ndarray | None = None  # (N,) classification-head probabilities
+
+
+def save_probability_maps(path: str | Path, ids: Sequence[str], probs: np.ndarray,
+                          truths: np.ndarray | None = None,
+                          head_probs: np.ndarray | None = None) -> None:
+    """Store (N, H, W) maps with their ids as a compressed .npz, quantised to uint8; optionally
+    the truths (bit-packed) and the classification head's probabilities."""
     probs = quantise(probs)
     if probs.ndim != 3 or len(ids) != len(probs):
         raise ValueError(f"need (N, H, W) maps and N ids, got {probs.shape} and {len(ids)} ids")
+    arrays = {"ids": np.asarray([str(i) for i in ids]), "probs": probs}
+    if truths is not None:
+        if np.shape(truths) != probs.shape:
+            raise ValueError(f"truths {np.shape(truths)} must match the maps {probs.shape}")
+        arrays["truths"] = np.packbits(np.asarray(truths, dtype=bool), axis=-1)
+    if head_probs is not None:
+        if len(head_probs) != len(probs):
+            raise ValueError(f"need {len(probs)} head probabilities, got {len(head_probs)}")
+        arrays["head_probs"] = np.asarray(head_probs, dtype=np.float32)
     with open(path, "wb") as handle:
-        np.savez_compressed(handle, ids=np.asarray([str(i) for i in ids]), probs=probs)
+        np.savez_compressed(handle, **arrays)
 
 
-def load_probability_maps(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """The ids and (N, H, W) uint8 maps written by ``save_probability_maps``."""
+def load_probability_maps(path: str | Path) -> StoredMaps:
+    """What ``save_probability_maps`` wrote."""
     with np.load(path, allow_pickle=False) as data:
-        return [str(i) for i in data["ids"]], data["probs"]
+        probs = data["probs"]
+        truths = None
+        if "truths" in data:
+            width = probs.shape[-1]
+            truths = np.unpackbits(data["truths"], axis=-1, count=width).astype(bool)
+        head = data["head_probs"] if "head_probs" in data else None
+        return StoredMaps([str(i) for i in data["ids"]], probs, truths, head)

@@ -173,9 +173,25 @@ def test_probability_maps_round_trip(tmp_path):
     probs, _ = smooth_maps(n=4, size=16)
     path = tmp_path / "val_probs"  # no suffix added
     save_probability_maps(path, ["a", "b", "c", "d"], probs)
-    ids, loaded = load_probability_maps(path)
-    assert ids == ["a", "b", "c", "d"]
+    stored = load_probability_maps(path)
+    assert stored.ids == ["a", "b", "c", "d"]
+    loaded = stored.probs
     assert loaded.dtype == np.uint8 and np.array_equal(loaded, np.rint(probs * 255))
     assert np.abs(loaded / 255.0 - probs).max() <= 0.5 / 255 + 1e-7
+    assert stored.truths is None and stored.head_probs is None
     with pytest.raises(ValueError):
         save_probability_maps(path, ["a"], probs)
+
+
+def test_truths_and_head_probabilities_are_stored_with_the_maps(tmp_path):
+    probs, truths = smooth_maps(n=6, size=13)  # a width that is not a multiple of 8
+    assert truths[3:].any()
+    head = np.linspace(0.1, 0.9, 6)
+    ids = list("abcdef")
+    path = tmp_path / "val.npz"
+    save_probability_maps(path, ids, probs, truths, head)
+    stored = load_probability_maps(path)
+    assert stored.truths.dtype == bool and np.array_equal(stored.truths, truths)
+    assert np.allclose(stored.head_probs, head)
+    with pytest.raises(ValueError, match="truths"):
+        save_probability_maps(path, ids, probs, truths[:, :4])

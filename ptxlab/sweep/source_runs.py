@@ -44,20 +44,24 @@ def _has_maps(client, run_id: str) -> bool:
 
 @lru_cache(maxsize=1)  # a grid's queue runs repeat by repeat: one source run after another
 def validation_predictions(run_id: str):
-    """A finished run's stored validation maps, the truths of its validation split (rebuilt from
-    its resolved config and checked against the stored ids) and its post-processing resolution."""
+    """A finished run's stored validation maps with their truths and head probabilities, and
+    its post-processing resolution. Maps stored without truths (older runs) get them rebuilt
+    from the run's resolved config, checked against the stored ids."""
     from ptxlab.experiment import RESOLVED_CONFIG_ARTIFACT, prepare_data
     from ptxlab.inference import Predictions
     from ptxlab.postprocess import load_probability_maps
 
     with tempfile.TemporaryDirectory(prefix="ptxlab-maps-") as workdir:
-        ids, probs = load_probability_maps(
+        stored = load_probability_maps(
             tracking.download_artifact(run_id, MAPS_ARTIFACT, Path(workdir)))
         config = load_config(
             tracking.download_artifact(run_id, RESOLVED_CONFIG_ARTIFACT, Path(workdir)))
-    data = prepare_data(config, progress=False)
-    if [case.case_id for case in data.val.cases] != ids:
-        raise RuntimeError(f"run {run_id}: its validation split no longer matches its stored "
-                           "maps (has the data changed?)")
-    truths = np.stack([data.val[i][1][0].numpy().astype(bool) for i in range(len(data.val))])
-    return Predictions(ids, probs, truths, None), config.postprocess.resolution
+    truths = stored.truths
+    if truths is None:
+        data = prepare_data(config, progress=False)
+        if [case.case_id for case in data.val.cases] != stored.ids:
+            raise RuntimeError(f"run {run_id}: its validation split no longer matches its "
+                               "stored maps (has the data changed?)")
+        truths = np.stack([data.val[i][1][0].numpy().astype(bool) for i in range(len(data.val))])
+    predictions = Predictions(stored.ids, stored.probs, truths, stored.head_probs)
+    return predictions, config.postprocess.resolution
