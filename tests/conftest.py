@@ -1,5 +1,6 @@
 """Shared pytest fixtures."""
 
+import csv
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -8,6 +9,32 @@ import mlflow
 import pytest
 
 SIIM_SAMPLE = Path(__file__).parents[1].parent / "shared/data/siim-sample"
+
+
+def sample_rows(sample: Path = SIIM_SAMPLE) -> list[dict[str, str]]:
+    """The sample's labels.csv, one dict per image."""
+    with (sample / "labels.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def build_siim_png(sample: Path, parent: Path) -> Path:
+    """The sample as the Kaggle vbookshelf copy (symlinks):
+    siim-acr-pneumothorax/{png_images,png_masks,stage_1_*.csv}; returns that folder."""
+    base = parent / "siim-acr-pneumothorax"
+    (base / "png_images").mkdir(parents=True)
+    (base / "png_masks").mkdir()
+    by_split = {"train": [], "test": []}
+    for row in sample_rows(sample):
+        name = row["vbookshelf_name"]
+        (base / "png_images" / name).symlink_to(sample / "images" / row["file"])
+        (base / "png_masks" / name).symlink_to(sample / "masks" / row["file"])
+        by_split[row["siim_split"].removeprefix("stage1_")].append(
+            f"{name},{row['image_id']},{row['has_pneumo']}"
+        )
+    for split, lines in by_split.items():
+        text = "\n".join(["new_filename,ImageId,has_pneumo", *lines]) + "\n"
+        (base / f"stage_1_{split}_images.csv").write_text(text)
+    return base
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY_RUN
+from tests.conftest import TINY_RUN, sample_rows
 
 
 @pytest.fixture
@@ -15,9 +15,9 @@ def folder_with_a_truncated_image(isolated_store, siim_sample):
     root = isolated_store / "data"
     for sub in ("images", "masks"):
         (root / sub).mkdir(parents=True)
-    labels = [line.split(",") for line in (siim_sample / "labels.csv").read_text().splitlines()[1:]]
-    positives = sorted(row[0] for row in labels if row[2] == "1")[:6]
-    negatives = sorted(row[0] for row in labels if row[2] == "0")[:2]
+    rows = sample_rows(siim_sample)
+    positives = sorted(row["file"] for row in rows if row["has_pneumo"] == "1")[:6]
+    negatives = sorted(row["file"] for row in rows if row["has_pneumo"] == "0")[:2]
     for name in positives + negatives:
         for sub in ("images", "masks"):
             (root / sub / name).symlink_to(siim_sample / sub / name)

@@ -1,6 +1,5 @@
 """`check_dataset` and `ptxlab data check`: every file read, every bad input named in one line."""
 
-import csv
 import json
 
 import cv2
@@ -12,37 +11,11 @@ from ptxlab.cli import app
 from ptxlab.data.cases import Case, DataError
 from ptxlab.data.check import check_dataset
 from ptxlab.data.io import read_image, read_mask
-
-
-def sample_rows(sample):
-    with (sample / "labels.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def arrange_as_siim_png(sample, parent):
-    """The sample as the Kaggle vbookshelf copy (symlinks); returns {ImageId: mask link}."""
-    base = parent / "siim-acr-pneumothorax"
-    (base / "png_images").mkdir(parents=True)
-    (base / "png_masks").mkdir()
-    lines = {
-        "train": ["new_filename,ImageId,has_pneumo"],
-        "test": ["new_filename,ImageId,has_pneumo"],
-    }
-    masks = {}
-    for row in sample_rows(sample):
-        name = row["vbookshelf_name"]
-        (base / "png_images" / name).symlink_to(sample / "images" / row["file"])
-        masks[row["image_id"]] = base / "png_masks" / name
-        masks[row["image_id"]].symlink_to(sample / "masks" / row["file"])
-        split = row["siim_split"].removeprefix("stage1_")
-        lines[split].append(f"{name},{row['image_id']},{row['has_pneumo']}")
-    for split, split_lines in lines.items():
-        (base / f"stage_1_{split}_images.csv").write_text("\n".join(split_lines) + "\n")
-    return masks
+from tests.conftest import build_siim_png, sample_rows
 
 
 def test_check_reads_the_whole_sample(siim_sample, tmp_path):
-    arrange_as_siim_png(siim_sample, tmp_path)
+    build_siim_png(siim_sample, tmp_path)
     report = check_dataset(tmp_path, progress=False)
     rows = sample_rows(siim_sample)
     assert report.ok and report.problems == []
@@ -62,8 +35,9 @@ def test_check_reads_the_whole_sample(siim_sample, tmp_path):
 
 
 def test_labels_that_disagree_with_masks(siim_sample, tmp_path):
-    masks = arrange_as_siim_png(siim_sample, tmp_path)
+    base = build_siim_png(siim_sample, tmp_path)
     rows = sample_rows(siim_sample)
+    masks = {row["image_id"]: base / "png_masks" / row["vbookshelf_name"] for row in rows}
     positive = next(row for row in rows if row["has_pneumo"] == "1")
     negative = next(row for row in rows if row["has_pneumo"] == "0")
     for row, other in ((positive, negative), (negative, positive)):
@@ -146,7 +120,7 @@ def test_each_bad_input_raises_its_one_line_error(broken_folder, name):
 
 
 def test_cli_check_json_on_the_sample(siim_sample, tmp_path):
-    arrange_as_siim_png(siim_sample, tmp_path)
+    build_siim_png(siim_sample, tmp_path)
     result = CliRunner().invoke(app, ["data", "check", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -161,7 +135,7 @@ def test_cli_check_json_on_the_sample(siim_sample, tmp_path):
 
 
 def test_cli_check_fails_on_a_broken_file(siim_sample, tmp_path):
-    arrange_as_siim_png(siim_sample, tmp_path)
+    build_siim_png(siim_sample, tmp_path)
     broken = next((tmp_path / "siim-acr-pneumothorax" / "png_images").iterdir())
     broken.unlink()
     broken.write_bytes(b"\x89PNG\r\n\x1a\n cut short")

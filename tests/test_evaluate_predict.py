@@ -36,8 +36,9 @@ from ptxlab.experiment import MODEL_ARTIFACT, POSTPROCESS_ARTIFACT, run_experime
 from ptxlab.inference import load_trained_model, predict
 from ptxlab.postprocess import PostProcessing, apply
 from ptxlab.prediction import load_run, predict_native
+from tests.conftest import SIIM_SAMPLE, sample_rows
 
-SAMPLE = Path(__file__).parents[1].parent / "shared/data/siim-sample"
+SAMPLE = SIIM_SAMPLE
 NATIVE = 1024
 TINY_RUN = [
     "data.synthetic.n_images=24",
@@ -84,11 +85,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
         assert summary.best_epoch == 0
         yield Trained(summary.run_id, root)
     mlflow.set_tracking_uri(None)  # ptxlab pointed MLflow's global URI at this module's store
-
-
-def sample_rows() -> list[dict[str, str]]:
-    with (SAMPLE / "labels.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def folder_subset(root: Path, positives: int, negatives: int) -> Path:

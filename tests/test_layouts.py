@@ -1,6 +1,5 @@
 """Each published layout, built in tmp_path from the real sample (symlinks), is detected and loaded."""
 
-import csv
 import gzip
 import shutil
 
@@ -11,30 +10,7 @@ import pytest
 from ptxlab.data.cases import DataError
 from ptxlab.data.io import read_image, read_mask, read_mask_file
 from ptxlab.data.layouts import LAYOUTS, detect_layout, load_cases, natural_key, scan_layout
-
-
-def sample_rows(sample):
-    with (sample / "labels.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def build_siim_png(sample, parent):
-    """The vbookshelf Kaggle copy: siim-acr-pneumothorax/{png_images,png_masks,stage_1_*.csv}."""
-    base = parent / "siim-acr-pneumothorax"
-    (base / "png_images").mkdir(parents=True)
-    (base / "png_masks").mkdir()
-    by_split = {"train": [], "test": []}
-    for row in sample_rows(sample):
-        name = row["vbookshelf_name"]
-        (base / "png_images" / name).symlink_to(sample / "images" / row["file"])
-        (base / "png_masks" / name).symlink_to(sample / "masks" / row["file"])
-        by_split[row["siim_split"].removeprefix("stage1_")].append(
-            f"{name},{row['image_id']},{row['has_pneumo']}"
-        )
-    for split, lines in by_split.items():
-        text = "\n".join(["new_filename,ImageId,has_pneumo", *lines]) + "\n"
-        (base / f"stage_1_{split}_images.csv").write_text(text)
-    return base
+from tests.conftest import build_siim_png, sample_rows
 
 
 def full_label_lines(sample):

@@ -1,6 +1,5 @@
 """SIIM RLE decoding and label-CSV reading, checked against the real sample's masks."""
 
-import csv
 import gzip
 
 import cv2
@@ -9,13 +8,9 @@ import pytest
 
 from ptxlab.data.cases import DataError
 from ptxlab.data.rle import decode_rle, encode_rle, read_rle_csv
+from tests.conftest import sample_rows
 
 FULL_LABELS = "rle/siim-pneumothorax-train-rle.csv.gz"
-
-
-def sample_rows(siim_sample):
-    with (siim_sample / "labels.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_full_label_file_reproduces_every_sample_mask(siim_sample):
