@@ -3,6 +3,10 @@ processes agree (rank 0 decides and tells the others), and how `ptxlab run --npr
 
 NCCL on GPUs, gloo on the CPU. Rank 0 alone logs to MLflow, writes checkpoints and reports
 to Optuna; the others train their shard of every global batch.
+
+N processes train the model one process would: BatchNorm statistics and every loss term are
+computed over the global batch (`global_sum`, `synchronize_batch_norm`), so the gradient after
+DDP's average is the single-process gradient up to float rounding.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as collectives
+from timm.layers import BatchNormAct2d
+from timm.layers import convert_sync_batchnorm as convert_to_cuda_sync_batch_norm
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,88 @@ def sum_across(values: list[float], ranks: Ranks) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def _in_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all ranks (itself in a single process), differentiably.
+
+    The backward pass sums the gradients of every rank's use of the result, so after DDP
+    divides by the world size each rank's share gets the gradient of the global quantity.
+    """
+    if not _in_process_group():
+        return tensor
+    return collectives.wait_tensor(collectives.all_reduce(tensor, "sum", dist.group.WORLD))
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d with training statistics over the global batch of all ranks.
+
+    torch's SyncBatchNorm runs on GPUs only; this is the same computation in plain autograd
+    ops, for gloo on the CPU. State-dict keys are BatchNorm2d's, so checkpoints load anywhere.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _in_process_group()):
+            return super().forward(x)
+        channels = (0, 2, 3)
+        local_count = x.new_tensor([x.numel() // x.shape[1]])
+        totals = global_sum(torch.cat([x.sum(channels), local_count]))
+        count = totals[-1]
+        mean = totals[:-1] / count
+        centred = x - mean.view(1, -1, 1, 1)
+        variance = global_sum(centred.square().sum(channels)) / count
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), variance.detach(), count.item())
+        out = centred * torch.rsqrt(variance + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return out
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, variance: torch.Tensor,
+                              count: float) -> None:
+        self.num_batches_tracked += 1
+        factor = (self.momentum if self.momentum is not None
+                  else 1.0 / self.num_batches_tracked.item())
+        unbiased = variance * (count / max(count - 1.0, 1.0))
+        self.running_mean.lerp_(mean, factor)
+        self.running_var.lerp_(unbiased, factor)
+
+
+class GlobalBatchNormAct2d(GlobalBatchNorm2d):
+    """timm's BatchNormAct2d (norm, then dropout and activation) with global statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _to_global_batch_norm(module: nn.Module) -> nn.Module:
+    if not isinstance(module, nn.BatchNorm2d):
+        for name, child in module.named_children():
+            setattr(module, name, _to_global_batch_norm(child))
+        return module
+    kind = GlobalBatchNormAct2d if isinstance(module, BatchNormAct2d) else GlobalBatchNorm2d
+    replacement = kind(module.num_features, module.eps, module.momentum, module.affine,
+                       module.track_running_stats)
+    if isinstance(module, BatchNormAct2d):
+        replacement.drop, replacement.act = module.drop, module.act
+    replacement.load_state_dict(module.state_dict())
+    if module.running_mean is not None:
+        replacement.to(module.running_mean.device, module.running_mean.dtype)
+    return replacement.train(module.training)
+
+
+def synchronize_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of `model` normalised over the global batch: torch's SyncBatchNorm on
+    CUDA, GlobalBatchNorm2d elsewhere. timm's norm+activation layers keep their activation
+    (torch's own converter would drop it)."""
+    if device.type == "cuda":
+        return convert_to_cuda_sync_batch_norm(model)
+    return _to_global_batch_norm(model)
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -55,7 +55,6 @@ class TrainingCallbacks:
 @dataclass
 class TrainResult:
     best_epoch: int
-    best_metrics: dict[str, float]
     history: list[dict[str, float]]
     best_checkpoint: Path
     last_checkpoint: Path
@@ -145,11 +144,12 @@ def train(
     seed_everything(config.seed)
 
     model, weights_note = build_model(config.model, load_weights=resume_from is None)
-    if ranks.distributed and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if ranks.distributed:
+        model = distributed.synchronize_batch_norm(model, device)
     model.to(device)
     normalize = model.normalize_input
-    criterion = SegmentationLoss(config.loss)
+    criterion = SegmentationLoss(config.loss, across_ranks=ranks.distributed)
+    val_criterion = SegmentationLoss(config.loss)  # rank 0 validates alone
     lr = effective_lr(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.optim.weight_decay)
     use_amp = config.train.amp and device.type == "cuda"
@@ -211,7 +211,7 @@ def train(
         metrics = {**train_terms, "images_per_s": images_per_s,
                    "lr": optimizer.param_groups[0]["lr"]}
         if ranks.is_main:
-            metrics.update(evaluate_loader(model, normalize, criterion, val_loader, device,
+            metrics.update(evaluate_loader(model, normalize, val_criterion, val_loader, device,
                                            autocast, threshold=config.postprocess.threshold))
         metrics = distributed.broadcast(metrics, ranks)
         metrics["epoch"] = epoch
@@ -233,8 +233,7 @@ def train(
             stopped_by = stop
             break
 
-    best = state.history[state.best_epoch] if state.history else {}
-    return TrainResult(state.best_epoch, best, state.history, best_path, last_path, stopped_by)
+    return TrainResult(state.best_epoch, state.history, best_path, last_path, stopped_by)
 
 
 def _checkpoint_and_report(model, optimizer, scaler, state: TrainState, config: Config,

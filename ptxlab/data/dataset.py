@@ -76,7 +76,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     With one process this is an ordinary shuffled batch sampler. With N processes rank r takes
     items r, r+N, ... of each global batch, so the union over ranks is exactly the batch a
-    single process would see: the global batch size stays `batch_size`.
+    single process would see: the global batch size stays `batch_size`. A last, partial batch
+    is kept unless `drop_last`, but only when every rank gets at least one of its items.
     """
 
     def __init__(self, n_items: int, batch_size: int, rank: int = 0, world: int = 1,
@@ -94,10 +95,14 @@ class GlobalBatchSampler(Sampler[list[int]]):
         order = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(self.seed))
         for start in range(0, self.n_items, self.batch_size):
             batch = order[start : start + self.batch_size].tolist()
-            if len(batch) < self.batch_size and self.drop_last:
+            if len(batch) < self._smallest_batch:
                 return
             yield batch[self.rank :: self.world]
 
+    @property
+    def _smallest_batch(self) -> int:
+        return self.batch_size if self.drop_last else self.world
+
     def __len__(self) -> int:
         full, rest = divmod(self.n_items, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return full + (1 if rest >= self._smallest_batch else 0)
