@@ -1,6 +1,6 @@
 """Real services for integration tests, each stopped or removed on exit: throwaway PostgreSQL
-databases, an MLflow tracking server run as the team stack runs it, headless Chromium, and
-commands whose whole process tree is bounded in time."""
+databases, an MLflow tracking server and an Optuna dashboard run as the team stack runs them,
+headless Chromium, and commands whose whole process tree is bounded in time."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def throwaway_database(prefix: str, admin_url: str = POSTGRES) -> Iterator[str]:
         engine.dispose()
 
 
-# --- MLflow tracking server ----------------------------------------------------------------
+# --- MLflow tracking server and Optuna dashboard ------------------------------------------
 
 
 def free_port() -> int:
@@ -134,12 +134,38 @@ class MlflowServer:
     log: Path
 
 
-def _healthy(url: str) -> bool:
+def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=5) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+@contextmanager
+def _serving(name: str, command: list[str], probe_url: str, workdir: Path, log: Path,
+             env: dict[str, str], startup_timeout: float) -> Iterator[None]:
+    """Run a server command in a session of its own until `probe_url` answers 200; its whole
+    process group is stopped on exit. A server that dies or stays silent fails with its log."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not _answers(probe_url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                state = (f"exited with {process.returncode}" if process.poll() is not None
+                         else f"not answering after {startup_timeout:.0f} s")
+                raise RuntimeError(f"{name} {state}; its log:\n"
+                                   f"{log.read_text(errors='replace')[-4000:]}")
+            time.sleep(0.5)
+        yield
+    finally:
+        stop_process_group(process)
+
+
+def _venv_command(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
 
 
 @contextmanager
@@ -151,27 +177,26 @@ def mlflow_server(backend_store_uri: str, workdir: Path,
     artifacts.mkdir()
     log = workdir / "server.log"
     url = f"http://127.0.0.1:{free_port()}"
-    command = [str(Path(sys.executable).parent / "mlflow"), "server",
-               "--backend-store-uri", backend_store_uri,
+    command = [_venv_command("mlflow"), "server", "--backend-store-uri", backend_store_uri,
                "--serve-artifacts", "--artifacts-destination", str(artifacts),
                "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
     # The job runner (GenAI judges and scheduled jobs, 7 processes) is no part of the stack.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while not _healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                state = (f"exited with {process.returncode}" if process.poll() is not None
-                         else f"not healthy after {startup_timeout:.0f} s")
-                raise RuntimeError(f"mlflow server {state}; its log:\n"
-                                   f"{log.read_text(errors='replace')[-4000:]}")
-            time.sleep(0.5)
+    with _serving("mlflow server", command, f"{url}/health", workdir, log, env,
+                  startup_timeout):
         yield MlflowServer(url, artifacts, workdir, log)
-    finally:
-        stop_process_group(process)
+
+
+@contextmanager
+def optuna_dashboard(storage_url: str, workdir: Path, startup_timeout: float = 60) -> Iterator[str]:
+    """The venv's `optuna-dashboard` (the version docker-compose.yml runs) on 127.0.0.1 over
+    `storage_url`; yields its URL once its API answers, stops it on exit."""
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [_venv_command("optuna-dashboard"), storage_url, "--host", "127.0.0.1",
+               "--port", url.rsplit(":", 1)[1]]
+    with _serving("optuna-dashboard", command, f"{url}/api/studies", workdir,
+                  workdir / "optuna-dashboard.log", dict(os.environ), startup_timeout):
+        yield url
 
 
 # --- Chromium ------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """The team stack of docker-compose.yml without Docker: a real `mlflow server` on a throwaway
 PostgreSQL database that stores and serves the artifacts, a two-worker smoke sweep whose Optuna
-study lives in PostgreSQL too, and the MLflow UI of that server in headless Chromium."""
+study lives in PostgreSQL too, the Optuna dashboard on that study, and the MLflow UI of that
+server in headless Chromium."""
 
 import base64
 import json
 import os
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from tests.servers import (
     chromium_problem,
     headless_chromium,
     mlflow_server,
+    optuna_dashboard,
     postgres_problem,
     run_bounded,
     throwaway_database,
@@ -85,26 +88,31 @@ def team_server(tmp_path_factory) -> Iterator[MlflowServer]:
 
 
 @pytest.fixture(scope="module")
-def smoke_sweep(team_server, tmp_path_factory) -> Sweep:
-    """`python -m ptxlab sweep --workers 2` against the team server, with the Optuna study in a
-    second throwaway database (read, then dropped)."""
+def optuna_database(team_server) -> Iterator[str]:
+    """A second throwaway PostgreSQL database for the Optuna study (dropped after the module)."""
+    with throwaway_database("ptxlab_test_optuna") as storage_url:
+        yield storage_url
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(team_server, optuna_database, tmp_path_factory) -> Sweep:
+    """`python -m ptxlab sweep --workers 2` against the team server and the Optuna database."""
     files = tmp_path_factory.mktemp("sweep-files")
     workdir = tmp_path_factory.mktemp("sweep-workdir")
     study_file = write_tiny_smoke_study(files)
     env = {**os.environ, "MLFLOW_TRACKING_URI": team_server.url,
            "PTXLAB_CACHE": str(files / "cache"), "PTXLAB_CHECKPOINTS": str(files / "checkpoints"),
            "PTXLAB_PROGRESS": "0"}
-    with throwaway_database("ptxlab_test_optuna") as storage_url:
-        finished = run_bounded(
-            [sys.executable, "-m", "ptxlab", "sweep", str(study_file), "--storage", storage_url,
-             "--workers", "2"], timeout=SWEEP_TIMEOUT_S, cwd=workdir, env=env)
-        assert finished.returncode == 0, finished.output[-4000:]
-        storage = optuna.storages.RDBStorage(storage_url)
-        try:
-            study = optuna.load_study(study_name=study_file.stem, storage=storage)
-            trials, parent_run_id = study.get_trials(), study.user_attrs[PARENT_ATTR]
-        finally:
-            storage.engine.dispose()
+    finished = run_bounded(
+        [sys.executable, "-m", "ptxlab", "sweep", str(study_file), "--storage", optuna_database,
+         "--workers", "2"], timeout=SWEEP_TIMEOUT_S, cwd=workdir, env=env)
+    assert finished.returncode == 0, finished.output[-4000:]
+    storage = optuna.storages.RDBStorage(optuna_database)
+    try:
+        study = optuna.load_study(study_name=study_file.stem, storage=storage)
+        trials, parent_run_id = study.get_trials(), study.user_attrs[PARENT_ATTR]
+    finally:
+        storage.engine.dispose()
     client = MlflowClient(tracking_uri=team_server.url)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     return Sweep(team_server, study_file.stem, trials, parent_run_id, experiment_id, workdir)
@@ -198,3 +206,22 @@ def test_the_mlflow_ui_lists_the_sweep_and_shows_a_logged_figure(smoke_sweep, tm
     assert (f"{url}/get-artifact?path={FIGURE.replace('/', '%2F')}&run_uuid={child_run_id}"
             in requested)
     assert base64.b64decode(shown_bytes) == Path(figure).read_bytes()
+
+
+def test_the_optuna_dashboard_shows_the_study(smoke_sweep, optuna_database, tmp_path):
+    def get(url: str) -> dict:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.load(response)
+
+    sweep = smoke_sweep
+    with optuna_dashboard(optuna_database, tmp_path) as url:
+        summaries = get(f"{url}/api/studies")["study_summaries"]
+        (summary,) = [s for s in summaries if s["study_name"] == sweep.study]
+        study = get(f"{url}/api/studies/{summary['study_id']}")
+    shown = {trial["number"]: trial for trial in study["trials"]}
+    assert sorted(shown) == sorted(trial.number for trial in sweep.trials)
+    for trial in sweep.complete:
+        assert shown[trial.number]["state"] == "Complete"
+        assert shown[trial.number]["values"] == [pytest.approx(trial.value)]
+        epochs = {v["step"]: v["value"] for v in shown[trial.number]["intermediate_values"]}
+        assert epochs == pytest.approx(trial.intermediate_values)
