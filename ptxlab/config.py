@@ -34,6 +34,8 @@ class DataConfig(_Section):
     test_layout: Literal["auto", "siim-png", "siim-dicom", "ptx498", "folder"] = "auto"
     image_size: int = Field(128, ge=32, le=2048)
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    split_seed: int | None = Field(
+        None, description="seed of the train/validation split; null: the run's `seed`")
     folds: int = Field(1, ge=1, description="1 = a single stratified split; k > 1 = k-fold")
     fold: int = Field(0, ge=0)
     missing_mask_is_negative: bool = False

@@ -75,7 +75,8 @@ def prepare_data(config: Config, progress: bool = True) -> PreparedData:
     pairs = training_pairs(data, cases, progress=progress)  # raises unless data.skip_bad
     bad = {case.case_id for case, _ in pairs.skipped}
     usable = [case for case in cases if case.case_id not in bad]
-    train_cases, val_cases = stratified_split(usable, data.val_fraction, config.seed,
+    split_seed = config.seed if data.split_seed is None else data.split_seed
+    train_cases, val_cases = stratified_split(usable, data.val_fraction, split_seed,
                                               data.folds, data.fold)
     size = data.image_size
     train_transform = build_train_transform(config.augment.preset, config.augment.strength, size)

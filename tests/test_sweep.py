@@ -21,6 +21,7 @@ from ptxlab.experiment import run_experiment
 from ptxlab.postprocess import PostProcessing
 from ptxlab.report import write_report
 from ptxlab.sweep import load_study_file, open_study, resolve_storage, run_sweep
+from ptxlab.sweep.source_runs import validation_predictions
 from tests.conftest import TINY_RUN, service_unavailable
 
 ROOT = Path(__file__).parents[1]
@@ -33,12 +34,12 @@ LR_HYPOTHESIS = {"name": "3e-3 beats 1e-7", "compare": {"optim.lr": 0.003},
                  "against": {"optim.lr": 1.0e-7}, "expect": "greater"}
 
 
-def write_study(directory: Path, **changes) -> Path:
+def write_study(directory: Path, epochs: int = 4, **changes) -> Path:
     """The shipped smoke study with a unique name, an absolute base and `changes` on top."""
     tree = yaml.safe_load((STUDIES / "smoke.yaml").read_text())
     tree.update(base=str(ROOT / "experiments" / "default.yaml"),
                 name=f"test-{uuid.uuid4().hex[:10]}", space=LR_ONLY, hypotheses=[LR_HYPOTHESIS])
-    tree["set"]["augment.preset"] = "light"
+    tree["set"].update({"augment.preset": "light", "train.epochs": epochs})
     tree.update(changes)
     path = directory / f"{tree['name']}.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -70,11 +71,16 @@ def check_complete_grid(study: optuna.Study, expected: int) -> list:
     assert sorted(r.info.run_id for r in runs) == sorted(t.user_attrs["mlflow_run_id"]
                                                          for t in trials)
     by_id = {r.info.run_id: r for r in runs}
+    split_seeds = set()
     for trial in complete:
-        tags = by_id[trial.user_attrs["mlflow_run_id"]].data.tags
+        run = by_id[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.params["seed"] == str(trial.user_attrs["seed"])
+        split_seeds.add(run.data.params["data.split_seed"])
+        tags = run.data.tags
         assert tags["optuna.trial_number"] == str(trial.number)
         assert tags["optuna.state"] == "COMPLETE"
         assert tags["optuna.param.optim.lr"] == str(trial.params["optim.lr"])
+    assert len(split_seeds) == 1  # repeats vary the training seed on one validation split
     client = MlflowClient()
     studies = client.search_runs(
         [client.get_run(parent).info.experiment_id],
@@ -219,7 +225,8 @@ def _wait_for_a_trial_mid_training(name: str, journal: Path, worker: subprocess.
 
 @pytest.mark.slow
 def test_pruning_stops_trials_that_fall_behind(isolated_store):
-    path = write_study(isolated_store, repeats=2, pruner={
+    epochs = 6
+    path = write_study(isolated_store, epochs=epochs, repeats=2, pruner={
         "type": "median", "n_startup_trials": 1, "n_warmup_steps": 2})
     run_sweep(path)
     study = load(path.stem, str(isolated_store / "mlruns" / "optuna" / f"{path.stem}.journal"))
@@ -227,24 +234,34 @@ def test_pruning_stops_trials_that_fall_behind(isolated_store):
     assert any(t.params["optim.lr"] == 1.0e-7 for t in pruned)
     for trial in study.trials:
         assert sorted(trial.intermediate_values) == list(range(trial.user_attrs["epochs_trained"]))
-    assert all(t.user_attrs["epochs_trained"] == 4 for t in study.trials
+    assert all(t.user_attrs["epochs_trained"] == epochs for t in study.trials
                if t.state == TrialState.COMPLETE)
     runs = {r.info.run_id: r for r in child_runs(study.user_attrs["mlflow.parent_run_id"])}
-    for trial in pruned:
-        assert trial.user_attrs["epochs_trained"] < 4
+    for trial in pruned:  # a trial that trained every epoch counts as complete
+        assert trial.user_attrs["epochs_trained"] < epochs
         run = runs[trial.user_attrs["mlflow_run_id"]]
         assert run.data.tags["optuna.state"] == "PRUNED"
         assert run.data.tags["ptxlab.stopped_by"] == "callback"
         assert "pruned after epoch" in run.data.tags["ptxlab.trial_reason"]
 
 
+def _source_run(*overrides: str):
+    config = load_config(None, [*TINY_RUN, "tracking.experiment=maps", "tracking.overlays=0",
+                                *overrides])
+    return run_experiment(config, progress=False)
+
+
 @pytest.mark.slow
-def test_postprocess_studies_score_stored_maps_without_training(isolated_store):
-    config = load_config(None, TINY_RUN + ["tracking.experiment=maps", "tracking.overlays=0"])
-    source = run_experiment(config, progress=False)
+@pytest.mark.parametrize("gate", ["none", "head"])
+def test_postprocess_studies_score_stored_maps_without_training(isolated_store, gate):
+    head = ["model.classification_head=true", "model.gate=head"] if gate == "head" else []
+    source = _source_run(*head)
     client = MlflowClient()
     logged = client.get_run(source.run_id).data.metrics
     chosen = PostProcessing.from_dict(source.postprocess)
+    assert chosen.gate == gate
+    stored, _ = validation_predictions(source.run_id)
+    assert (stored.class_probs is not None) == (gate == "head")  # the head's probabilities
 
     # The rule the run chose, evaluated by a study, reproduces the run's own results.
     fields = {k: v for k, v in chosen.to_dict().items() if k != "resolution"}
@@ -263,7 +280,10 @@ def test_postprocess_studies_score_stored_maps_without_training(isolated_store):
     assert child.data.tags["ptxlab.source_run"] == source.run_id
     assert not client.list_artifacts(child.info.run_id)
 
-    # A random sampler queues the other repeats of each sampled configuration.
+
+@pytest.mark.slow
+def test_a_random_sampler_queues_the_other_repeats_of_a_configuration(isolated_store):
+    source = _source_run()
     path = write_study(isolated_store, mode="postprocess", base=None, pruner={"type": "none"},
                        source={"runs": [source.run_id, source.run_id]}, repeats=2, n_trials=6,
                        sampler={"type": "random", "seed": 3}, hypotheses=[], set={},

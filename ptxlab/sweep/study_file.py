@@ -18,6 +18,7 @@ config keys, a sampler, a pruner, the objective and `repeats`:
           fixed-epochs: {train.epochs: 15, train.max_steps: null}
           fixed-updates: {train.max_steps: 300}
     repeats: 3                            # seeds per configuration: seed, seed + 1, ...
+                                          # (one validation split: data.split_seed)
     sampler: {type: grid, seed: 0}        # grid | tpe | random
     pruner: {type: median, n_warmup_steps: 2}    # none | median | hyperband, on val_iou
     objective: {metric: pooled_iou, direction: maximize}    # best_val_<metric> of the run

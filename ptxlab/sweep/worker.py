@@ -52,16 +52,22 @@ def _heartbeat(storage: optuna.storages.BaseStorage, trial_id: int, interval: in
 
 
 class _TrialReporter(TrainingCallbacks):
-    """Stores the child run id, reports the pruning metric each epoch, stops pruned trials."""
+    """Stores the child run id, reports the pruning metric each epoch, stops pruned trials.
+
+    A trial that has reached its last planned epoch is complete: it is not pruned then, so
+    its result counts instead of being thrown away when nothing is left to save.
+    """
 
     def __init__(self, trial: Trial, metric: str):
         self.trial = trial
         self.metric = metric
         self.epochs = 0
+        self.epochs_planned = 0
         self.pruned: str | None = None
 
     def on_train_start(self, info: dict) -> None:
         self.trial.set_user_attr("mlflow_run_id", mlflow.active_run().info.run_id)
+        self.epochs_planned = info["epochs_planned"]
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         self.epochs = epoch + 1
@@ -69,7 +75,7 @@ class _TrialReporter(TrainingCallbacks):
         if not math.isfinite(value):
             return
         self.trial.report(value, epoch)
-        if self.trial.should_prune():
+        if self.epochs < self.epochs_planned and self.trial.should_prune():
             self.pruned = f"pruned after epoch {epoch + 1}: {self.metric} {value:.4f}"
             raise StopTraining
 
@@ -202,7 +208,12 @@ class Worker:
         from ptxlab.experiment import run_experiment
 
         base = self.handle.base_config
-        overrides = {**self.spec.overrides_for(params), "seed": base["seed"] + repeat,
+        fixed = self.spec.overrides_for(params)
+        # Repeats vary the training seed on one validation split: the base config's, unless
+        # the study sets data.split_seed itself.
+        split_seed = fixed.get("data.split_seed", base["data"]["split_seed"])
+        overrides = {**fixed, "seed": base["seed"] + repeat,
+                     "data.split_seed": base["seed"] if split_seed is None else split_seed,
                      "tracking.run_name": run_name, "tracking.experiment": self.handle.experiment}
         config = build_config(base, overrides, f"trial {trial.number}")
         trial.set_user_attr("seed", config.seed)
