@@ -1,12 +1,16 @@
 """Each published layout, built in tmp_path from the real sample (symlinks), is detected and loaded."""
 
 import gzip
+import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from ptxlab.cli import app
 from ptxlab.data.cases import DataError
 from ptxlab.data.io import read_image, read_mask, read_mask_file
 from ptxlab.data.layouts import LAYOUTS, detect_layout, load_cases, natural_key, scan_layout
@@ -132,7 +136,7 @@ def test_siim_dicom_other_label_file_names(siim_sample, tmp_path, csv_name):
     assert len(cases) == 27 and sum(case.positive for case in cases) == 10
 
 
-def test_siim_dicom_label_row_without_image(siim_sample, tmp_path):
+def test_siim_dicom_label_row_without_image_is_left_out(siim_sample, tmp_path):
     label_file = build_siim_dicom(siim_sample, tmp_path)
     present = {path.stem for path in (siim_sample / "dicom").glob("*.dcm")}
     extra = next(
@@ -141,23 +145,43 @@ def test_siim_dicom_label_row_without_image(siim_sample, tmp_path):
     with label_file.open("a") as handle:
         handle.write(extra + "\n")
     missing_id = extra.split(",")[0]
-    with pytest.raises(DataError) as error:
-        load_cases(tmp_path)
-    assert str(error.value) == (
+    scan = scan_layout(tmp_path)
+    assert len(scan.cases) == 27 and not scan.problems
+    [left_out] = scan.left_out
+    assert str(left_out) == (
         f"{label_file}: RLE row for image {missing_id}, which has no DICOM under {tmp_path}"
     )
 
 
-def test_siim_dicom_image_without_label_row(siim_sample, tmp_path):
+def test_siim_dicom_unlabelled_images_are_left_out_as_kaggle_stage_1_publishes_them(
+        siim_sample, tmp_path, caplog):
+    """Stage 1's train-rle.csv labels dicom-images-train only; dicom-images-test is unlabelled."""
     label_file = build_siim_dicom(siim_sample, tmp_path)
+    test_ids = {path.stem for path in (tmp_path / "dicom-images-test").rglob("*.dcm")}
     lines = label_file.read_text().splitlines()
-    dropped = lines.pop(5).split(",")[0]
-    label_file.write_text("\n".join(lines) + "\n")
+    label_file.write_text("\n".join(line for line in lines
+                                    if line.split(",")[0] not in test_ids) + "\n")
+    cases = load_cases(tmp_path)
+    assert {case.site for case in cases} == {"train"} and len(cases) == 27 - len(test_ids)
+    assert f"{tmp_path}: {len(test_ids)} files left out" in caplog.text
     scan = scan_layout(tmp_path)
-    assert len(scan.cases) == 26
-    [problem] = scan.problems
-    assert problem.path.endswith(f"{dropped}.dcm")
-    assert problem.problem == f"no label row for {dropped} in {label_file}"
+    assert not scan.problems
+    assert sorted(Path(entry.path).stem for entry in scan.left_out) == sorted(test_ids)
+    assert {entry.problem.split(":")[0] for entry in scan.left_out} == {"unlabelled"}
+    checked = CliRunner().invoke(app, ["data", "check", str(tmp_path), "--json"])
+    assert checked.exit_code == 0, checked.output  # unlabelled images are no problem
+    report = json.loads(checked.stdout)
+    assert (report["n_images"], len(report["left_out"])) == (len(cases), len(test_ids))
+    table = CliRunner().invoke(app, ["data", "check", str(tmp_path)])
+    assert f"{len(test_ids)} left out" in table.stdout and "no problems" in table.stdout
+
+
+def test_siim_dicom_label_file_that_labels_no_image(siim_sample, tmp_path):
+    label_file = build_siim_dicom(siim_sample, tmp_path)
+    label_file.write_text("ImageId, EncodedPixels\n1.2.3.4, -1\n")
+    with pytest.raises(DataError) as error:
+        load_cases(tmp_path)
+    assert str(error.value) == f"{label_file}: labels none of the 27 DICOMs under {tmp_path}"
 
 
 def test_ptx498(siim_sample, tmp_path):

@@ -16,7 +16,7 @@ from rich.table import Table
 from ptxlab.data.cases import DataError
 
 if TYPE_CHECKING:
-    from ptxlab.data.check import CheckReport
+    from ptxlab.data.check import CheckReport, Problem
 
 app = typer.Typer(
     help="Check a dataset folder as published, and build the resized training cache.",
@@ -140,12 +140,19 @@ def _print_report(report: CheckReport) -> None:
     for site, counts in report.sites.items():
         sites.add_row(site, *(str(counts[key]) for key in ("images", "positive", "negative")))
     console.print(sites)
+    _print_files(console, report.left_out, "left out", "why")
     if report.ok:
         console.print("[green]no problems[/green]")
         return
-    problems = Table("file", "problem", title=f"{len(report.problems)} problems")
-    for problem in report.problems[:SHOWN_PROBLEMS]:
-        problems.add_row(problem.file, problem.reason)
-    console.print(problems)
-    if len(report.problems) > SHOWN_PROBLEMS:
-        console.print(f"... and {len(report.problems) - SHOWN_PROBLEMS} more (use --json)")
+    _print_files(console, report.problems, "problems", "problem")
+
+
+def _print_files(console: Console, entries: list[Problem], title: str, column: str) -> None:
+    if not entries:
+        return
+    table = Table("file", column, title=f"{len(entries)} {title}")
+    for entry in entries[:SHOWN_PROBLEMS]:
+        table.add_row(entry.file, entry.reason)
+    console.print(table)
+    if len(entries) > SHOWN_PROBLEMS:
+        console.print(f"... and {len(entries) - SHOWN_PROBLEMS} more (use --json)")

@@ -36,10 +36,11 @@ class CheckReport:
     sites: dict[str, dict[str, int]] = field(default_factory=dict)
     image_sizes: dict[str, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    left_out: list[Problem] = field(default_factory=list)  # e.g. unlabelled images
 
     @property
     def ok(self) -> bool:
-        """True when no problem was found."""
+        """True when no problem was found (files left out are no problem)."""
         return not self.problems
 
     def to_dict(self) -> dict[str, object]:
@@ -73,6 +74,7 @@ def check_dataset(
     )
     report = CheckReport(root=str(root), layout=scan.layout, n_images=len(scan.cases))
     report.problems.extend(Problem(error.path, error.problem) for error in scan.problems)
+    report.left_out.extend(Problem(error.path, error.problem) for error in scan.left_out)
     sizes: Counter[str] = Counter()
     results = map_in_threads(_check_case, scan.cases)
     bar = tqdm(results, total=len(scan.cases), desc="checking", unit="image", disable=not progress)

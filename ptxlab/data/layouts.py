@@ -8,7 +8,10 @@ Layouts (see the sample's SOURCE.md for the published trees):
 - `siim-dicom`: DICOMs anywhere below the folder plus a SIIM RLE CSV (`stage_2_train.csv` or
   `train-rle.csv`, optionally gzipped, or a named one). Case id = ImageId = file stem (the
   Kaggle files are named by SOPInstanceUID; no tag is read for it). Site = `train` / `test` when
-  the top folder's name says so (`dicom-images-train`), else empty.
+  the top folder's name says so (`dicom-images-train`), else empty. The published trees hold
+  unlabelled DICOMs (stage 1's `dicom-images-test/` beside `train-rle.csv`, stage 2's
+  `stage_2_images/`): a DICOM without a label row, and a label row without a DICOM, are left
+  out and listed, not problems; a label file that matches no DICOM at all is an error.
 - `ptx498`: `PTX-498-v2-fix/Site{A,B,C}/<n>.1.img.png` with `<n>.2.mask.png`, possibly one or two
   folders deeper (the zip wraps it). Case id `<site>_<n>`, site = `SiteA` ..., all positive.
 - `folder`: `images/<name>.{png,jpg,jpeg,dcm}` with `masks/<stem>.png`; the label is whether the
@@ -22,6 +25,7 @@ folder, unknown layout, no label file) are raised at once by both.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -31,6 +35,8 @@ from pathlib import Path
 from ptxlab.data.cases import Case, DataError
 from ptxlab.data.io import DICOM_SUFFIXES, map_in_threads, read_mask_file
 from ptxlab.data.rle import read_rle_csv
+
+logger = logging.getLogger(__name__)
 
 LAYOUTS = ("siim-png", "siim-dicom", "ptx498", "folder")
 SIIM_PNG_FOLDER = "siim-acr-pneumothorax"
@@ -44,14 +50,19 @@ _VBOOKSHELF_NAME = re.compile(r"\d+_(?:train|test)_(?P<label>[01])_\.png")
 
 @dataclass
 class LayoutScan:
-    """The cases found in a folder and the problems met on the way (file + reason)."""
+    """The cases found in a folder, the problems met on the way (file + reason), and what the
+    published layout holds but cannot be used, such as unlabelled images (file + reason)."""
 
     layout: str
     cases: list[Case] = field(default_factory=list)
     problems: list[DataError] = field(default_factory=list)
+    left_out: list[DataError] = field(default_factory=list)
 
     def problem(self, path: Path | str, reason: str) -> None:
         self.problems.append(DataError(path, reason))
+
+    def leave_out(self, path: Path | str, reason: str) -> None:
+        self.left_out.append(DataError(path, reason))
 
 
 def detect_layout(root: Path) -> str:
@@ -72,10 +83,18 @@ def load_cases(
     missing_mask_is_negative: bool = False,
     rle_csv: Path | None = None,
 ) -> list[Case]:
-    """All cases of the dataset at `root`, sorted by case id; DataError on the first problem."""
+    """All cases of the dataset at `root`, sorted by case id; DataError on the first problem.
+
+    What the layout leaves out (unlabelled images) is summed up in one warning on the
+    `ptxlab.data` logger; `ptxlab data check` lists it.
+    """
     scan = scan_layout(
         root, layout, missing_mask_is_negative=missing_mask_is_negative, rle_csv=rle_csv
     )
+    if scan.left_out:
+        first = scan.left_out[0]
+        logger.warning("%s: %d files left out (first: %s: %s); `ptxlab data check` lists them",
+                       root, len(scan.left_out), first.path, first.problem)
     if scan.problems:
         first = scan.problems[0]
         more = len(scan.problems) - 1
@@ -191,15 +210,17 @@ def _scan_siim_dicom(root: Path, scan: LayoutScan, rle_csv: Path | None) -> None
             continue
         by_id[image_id] = path
         if image_id not in labels:
-            scan.problem(path, f"no label row for {image_id} in {label_file}")
+            scan.leave_out(path, f"unlabelled: no row for {image_id} in {label_file}")
             continue
         rows = labels[image_id]
         parts = path.relative_to(root).parts
         site = _split_site(parts[0] if len(parts) > 1 else "")
         scan.cases.append(Case(image_id, path, bool(rows), rle=rows, site=site))
+    if by_id and not scan.cases:
+        raise DataError(label_file, f"labels none of the {len(by_id)} DICOMs under {root}")
     for image_id in labels:
         if image_id not in by_id:
-            scan.problem(
+            scan.leave_out(
                 label_file, f"RLE row for image {image_id}, which has no DICOM under {root}"
             )
 
