@@ -47,11 +47,14 @@ def current() -> Ranks:
                  int(env.get("LOCAL_RANK", 0)))
 
 
-def init() -> Ranks:
-    """Join the process group once (NCCL when CUDA is available, gloo otherwise)."""
+def init(use_cuda: bool) -> Ranks:
+    """Join the process group once: NCCL with each rank on GPU `local_rank` when training on
+    CUDA, gloo on the CPU."""
     ranks = current()
     if ranks.distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if use_cuda:
+            torch.cuda.set_device(ranks.local_rank)  # NCCL's collectives use the current GPU
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     return ranks
 
 
@@ -68,7 +71,8 @@ def sum_across(values: list[float], ranks: Ranks) -> list[float]:
     """Element-wise sums over all ranks."""
     if not ranks.distributed:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
 

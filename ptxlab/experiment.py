@@ -122,7 +122,7 @@ def run_experiment(
     Under torchrun (`ptxlab run --nproc N`) rank 0 does all of this; the other ranks only
     train their shards (see `_train_as_other_rank`) and return an empty summary.
     """
-    ranks = distributed.init()
+    ranks = distributed.init(use_cuda=select_device(config.train.device).type == "cuda")
     if not ranks.is_main:
         return _train_as_other_rank(config, ranks)
     data = prepare_data(config, progress=progress)
