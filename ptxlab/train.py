@@ -155,13 +155,6 @@ def train(
     use_amp = config.train.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if config.train.amp_dtype == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    forward = model
-    if ranks.distributed:
-        forward = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.model.compile:
-        forward = torch.compile(forward)
-
     loader_args = dict(num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
     sampler = GlobalBatchSampler(len(train_set), config.train.batch_size, ranks.rank,
                                  ranks.world, drop_last=len(train_set) >= 2 *
@@ -193,6 +186,7 @@ def train(
     stopped_by = "max_steps" if config.train.max_steps is not None else "epochs"
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if use_amp else nullcontext
 
+    forward, frozen = None, None  # built for the first epoch, again when freezing changes
     for epoch in range(state.epoch, epochs):
         if state.global_step >= total_steps:
             break
@@ -200,8 +194,10 @@ def train(
         sampler.set_seed(epoch_seed(config.seed, epoch))
         train_set.set_epoch(epoch)
         freeze = epoch < config.model.freeze_encoder_epochs
-        for parameter in model.encoder.parameters():
-            parameter.requires_grad_(not freeze)
+        if freeze != frozen:
+            for parameter in model.encoder.parameters():
+                parameter.requires_grad_(not freeze)
+            forward, frozen = _forward_for(model, config, ranks, device), freeze
 
         train_terms, images_per_s, state.global_step = _train_epoch(
             forward, normalize, criterion, optimizer, scaler, train_loader, device, autocast,
@@ -234,6 +230,22 @@ def train(
             break
 
     return TrainResult(state.best_epoch, state.history, best_path, last_path, stopped_by)
+
+
+def _forward_for(model: torch.nn.Module, config: Config, ranks: distributed.Ranks,
+                 device: torch.device):
+    """The callable that trains `model`: DDP-wrapped under torchrun, compiled if configured.
+
+    DDP registers the parameters that require gradients when it is built, so it is built
+    again whenever encoder freezing changes that set.
+    """
+    forward = model
+    if ranks.distributed:
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.model.compile:
+        forward = torch.compile(forward)
+    return forward
 
 
 def _checkpoint_and_report(model, optimizer, scaler, state: TrainState, config: Config,

@@ -135,7 +135,9 @@ def test_ranks_share_each_global_batch_exactly():
 
 @pytest.mark.slow
 def test_two_cpu_processes_train_one_logged_run(isolated_store):
-    overrides = [arg for o in TINY_RUN + ["tracking.overlays=0"] for arg in ("--set", o)]
+    # The encoder is frozen for the first epoch: DDP is rebuilt when it thaws.
+    settings = TINY_RUN + ["tracking.overlays=0", "model.freeze_encoder_epochs=1"]
+    overrides = [arg for o in settings for arg in ("--set", o)]
     runs = {}
     for name, extra in (("single", []), ("ddp", ["--nproc", "2"])):
         result = subprocess.run(
