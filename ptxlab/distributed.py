@@ -11,9 +11,8 @@ DDP's average is the single-process gradient up to float rounding.
 
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,8 @@ import torch.distributed._functional_collectives as collectives
 from timm.layers import BatchNormAct2d
 from timm.layers import convert_sync_batchnorm as convert_to_cuda_sync_batch_norm
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main as torchrun
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,39 @@ def broadcast(value: Any, ranks: Ranks) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+class RankZeroFailed(Exception):
+    """Rank 0 failed before handing the run over; it reported why, the other ranks stop."""
+
+
+class Handoff:
+    """Rank 0's set-up ends by sending the others what they need (`send`). If rank 0 fails
+    before that, they are told so, and stop with `RankZeroFailed` instead of breaking off in
+    a collective with an error that hides rank 0's."""
+
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
+        self.sent = False
+
+    def send(self, value: Any) -> None:
+        broadcast(value, self.ranks)
+        self.sent = True
+
+    def __enter__(self) -> Handoff:
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        if error_type is not None and not self.sent and self.ranks.distributed:
+            broadcast(None, self.ranks)
+
+    @staticmethod
+    def receive(ranks: Ranks) -> Any:
+        """On the other ranks: what rank 0 sent, or RankZeroFailed."""
+        value = broadcast(None, ranks)
+        if value is None:
+            raise RankZeroFailed
+        return value
 
 
 def sum_across(values: list[float], ranks: Ranks) -> list[float]:
@@ -160,7 +194,17 @@ def synchronize_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run `ptxlab <argv>` in `nproc` processes on this machine through torchrun."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "ptxlab", *argv]
-    return subprocess.call(command)
+    """Run `ptxlab <argv>` in `nproc` processes on this machine through torchrun's launcher
+    (in this process); returns the exit status of the first rank that failed, else 0.
+
+    The ranks report their own errors in one line, so torchrun's traceback, failure summary
+    and banner are left out.
+    """
+    for name in ("torch.distributed.elastic", "torch.distributed.run"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "ptxlab", *argv])
+    except ChildFailedError as error:
+        _, failure = error.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0

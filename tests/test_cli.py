@@ -43,6 +43,11 @@ def test_run_help_names_its_options():
     [
         (["run", "missing.yaml"], "missing.yaml: no such config file"),
         (["run", "--set", "train.nope=1"], "unknown key 'train.nope'"),
+        (["run", "--nproc", "3", "--set", "train.batch_size=4"],
+         "train.batch_size=4 must divide over --nproc 3 processes"),
+        # Under torchrun: rank 0 says why, rank 1 stops quietly, torchrun adds nothing.
+        (["run", "--nproc", "2", "--set", "data.source=/nonexistent/x"],
+         "/nonexistent/x: no such folder"),
         (["config", "show", "--format", "xml"], "--format 'xml': allowed yaml, json"),
         (["config", "show", "--set", "model.arch=SegFormer"], "model.arch: got 'SegFormer'"),
     ],

@@ -13,8 +13,7 @@ import typer
 from rich.console import Console
 
 from ptxlab.cli.errors import fail_cleanly
-from ptxlab.config import load_config, render
-from ptxlab.distributed import current, launch
+from ptxlab.config import Config, load_config, render
 
 console = Console(stderr=True)
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
@@ -40,8 +39,7 @@ def run(
                     "CPU). train.batch_size stays the global batch.")] = 1,
 ) -> None:
     """Train one configuration and log everything to MLflow."""
-    if nproc > 1 and "RANK" not in os.environ:
-        raise typer.Exit(launch(nproc, _argv_without_nproc()))
+    launching = nproc > 1 and "RANK" not in os.environ  # else a single process or a rank
     with fail_cleanly():
         if resume:
             from ptxlab import tracking
@@ -53,11 +51,22 @@ def run(
             resolved = load_config(tracking.download_artifact(resume, RESOLVED_CONFIG_ARTIFACT))
         else:
             resolved = load_config(config, overrides or [])
-        from ptxlab.experiment import run_experiment  # torch, smp, MLflow: after the config
+        if launching:
+            _check_processes(resolved, nproc)
+    if launching:
+        from ptxlab.distributed import launch
 
-        summary = run_experiment(resolved, config.read_text() if config else None,
-                                 resume_run_id=resume)
-    if not current().is_main:
+        raise typer.Exit(launch(nproc, _argv_without_nproc()))
+    from ptxlab.distributed import RankZeroFailed
+    from ptxlab.experiment import run_experiment  # torch, smp, MLflow: after the config
+
+    try:
+        with fail_cleanly():
+            summary = run_experiment(resolved, config.read_text() if config else None,
+                                     resume_run_id=resume)
+    except RankZeroFailed:
+        raise typer.Exit(2) from None  # rank 0 has said why
+    if os.environ.get("RANK", "0") != "0":  # the other ranks under torchrun
         return
     metrics = summary.metrics
     print(f"run id: {summary.run_id}")
@@ -72,6 +81,20 @@ def run(
               f"IoU {test['pooled_iou']:.4f}  per-image mean Dice {test['mean_dice']:.4f}")
     print(f"open it: ptxlab ui, then http://127.0.0.1:5000/#/experiments/"
           f"{summary.experiment_id}/runs/{summary.run_id}")
+
+
+def _check_processes(config: Config, nproc: int) -> None:
+    """What would stop every rank at once, said once before any process starts."""
+    if config.train.batch_size % nproc:
+        raise ValueError(f"train.batch_size={config.train.batch_size} must divide over "
+                         f"--nproc {nproc} processes (it is the global batch)")
+    import torch
+
+    from ptxlab.train import select_device
+
+    if select_device(config.train.device).type == "cuda" and torch.cuda.device_count() < nproc:
+        raise ValueError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} "
+                         "CUDA devices (one process per GPU)")
 
 
 def _argv_without_nproc() -> list[str]:
