@@ -89,7 +89,8 @@ class Handoff:
         return self
 
     def __exit__(self, error_type, *_) -> None:
-        if error_type is not None and not self.sent and self.ranks.distributed:
+        failed = error_type is not None and issubclass(error_type, Exception)  # not Ctrl-C
+        if failed and not self.sent and self.ranks.distributed:
             broadcast(None, self.ranks)
 
     @staticmethod

@@ -126,48 +126,57 @@ def run_experiment(
     if not ranks.is_main:
         return _train_as_other_rank(config, ranks)
     with distributed.Handoff(ranks) as handoff:
-        data = prepare_data(config, progress=progress)
-        with tracking.open_run(
-            config.tracking.experiment, config.tracking.run_name, run_id=resume_run_id,
-            parent_run_id=parent_run_id, tags=tags, system_metrics=config.tracking.system_metrics,
-        ) as run:
-            run_id = run.info.run_id
-            workdir = checkpoint_dir(run_id)
-            resume_from = None
-            if resume_run_id:
-                resume_from = workdir / "last.pt"
-                if not resume_from.exists():
-                    raise FileNotFoundError(f"{resume_from}: no checkpoint to resume run {run_id}")
-            else:
-                _log_inputs(config, config_text, data)
-            handoff.send((run_id, resume_from))
-            callbacks = _Callbacks(tracking.MlflowCallbacks(run_id, resumed=bool(resume_run_id)),
-                                   extra_callbacks)
-            if resume_from is not None:
-                callbacks.tracker.replay(load_checkpoint(resume_from)["state"]["history"])
-            try:
-                result = train(config, data.train, data.val, workdir, callbacks, resume_from)
-            except NonFiniteLossError as error:
-                tracking.end_failed(run_id, f"non-finite loss: {error}")
-                raise
-            summary = RunSummary(run_id, config.tracking.experiment, run.info.experiment_id,
-                                 result.best_epoch, result.stopped_by)
-            if result.best_epoch < 0:
-                return summary
-            tracking.set_tags({"ptxlab.stopped_by": result.stopped_by,
-                               "ptxlab.best_epoch": result.best_epoch})
-            figure = plots.learning_curves(result.history, result.best_epoch)
-            tracking.log_figure(figure, "plots/learning_curves.png")
-            plots.close(figure)
-            summary.metrics, summary.postprocess = _finalize(config, data, result.best_checkpoint,
-                                                              workdir, progress)
-            if config.data.test_source:
-                from ptxlab.evaluation import evaluate_run
+        return _run_as_main_rank(config, config_text, resume_run_id, parent_run_id, tags,
+                                 extra_callbacks, progress, handoff)
 
-                summary.test_metrics = evaluate_run(
-                    run_id, Path(config.data.test_source), config.data.test_layout, name="test",
-                    progress=progress).metrics
+
+def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: str | None,
+                      parent_run_id: str | None, tags: dict[str, str] | None,
+                      extra_callbacks: TrainingCallbacks | None, progress: bool,
+                      handoff: distributed.Handoff) -> RunSummary:
+    """Rank 0 (or the only process): data, MLflow run, training, post-processing, test set."""
+    data = prepare_data(config, progress=progress)
+    with tracking.open_run(
+        config.tracking.experiment, config.tracking.run_name, run_id=resume_run_id,
+        parent_run_id=parent_run_id, tags=tags, system_metrics=config.tracking.system_metrics,
+    ) as run:
+        run_id = run.info.run_id
+        workdir = checkpoint_dir(run_id)
+        resume_from = None
+        if resume_run_id:
+            resume_from = workdir / "last.pt"
+            if not resume_from.exists():
+                raise FileNotFoundError(f"{resume_from}: no checkpoint to resume run {run_id}")
+        else:
+            _log_inputs(config, config_text, data)
+        handoff.send((run_id, resume_from))
+        callbacks = _Callbacks(tracking.MlflowCallbacks(run_id, resumed=bool(resume_run_id)),
+                               extra_callbacks)
+        if resume_from is not None:
+            callbacks.tracker.replay(load_checkpoint(resume_from)["state"]["history"])
+        try:
+            result = train(config, data.train, data.val, workdir, callbacks, resume_from)
+        except NonFiniteLossError as error:
+            tracking.end_failed(run_id, f"non-finite loss: {error}")
+            raise
+        summary = RunSummary(run_id, config.tracking.experiment, run.info.experiment_id,
+                             result.best_epoch, result.stopped_by)
+        if result.best_epoch < 0:
             return summary
+        tracking.set_tags({"ptxlab.stopped_by": result.stopped_by,
+                           "ptxlab.best_epoch": result.best_epoch})
+        figure = plots.learning_curves(result.history, result.best_epoch)
+        tracking.log_figure(figure, "plots/learning_curves.png")
+        plots.close(figure)
+        summary.metrics, summary.postprocess = _finalize(config, data, result.best_checkpoint,
+                                                          workdir, progress)
+        if config.data.test_source:
+            from ptxlab.evaluation import evaluate_run
+
+            summary.test_metrics = evaluate_run(
+                run_id, Path(config.data.test_source), config.data.test_layout, name="test",
+                progress=progress).metrics
+        return summary
 
 
 def _train_as_other_rank(config: Config, ranks: distributed.Ranks) -> RunSummary:
