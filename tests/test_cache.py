@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import time
 
 import cv2
 import numpy as np
@@ -108,6 +109,24 @@ def test_interrupted_write_leaves_nothing(copied_cases, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cache.load(copied_cases[0])
     assert all_files(tmp_path / "cache") == []
+
+
+def test_ensure_removes_what_killed_writers_left_and_keeps_writes_in_progress(copied_cases,
+                                                                             tmp_path):
+    cache = ResizedCache(tmp_path / "cache", SIZE)
+    cache.ensure(copied_cases, progress=False)
+    entry = cache.entry_path(copied_cases[0])
+    stamp = next((tmp_path / "cache" / "source-digests").iterdir())
+    killed = [entry.with_name(f".{entry.name}.abc.tmp"), stamp.with_name(f".{stamp.name}.x.tmp")]
+    in_progress = entry.with_name(f".{entry.name}.def.tmp")
+    for path in [*killed, in_progress]:
+        path.write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    for path in killed:
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    cache.ensure(copied_cases, progress=False)
+    assert not any(path.exists() for path in killed)
+    assert in_progress.exists() and entry.is_file() and stamp.is_file()
 
 
 def test_bad_cases_raise_or_are_skipped(copied_cases, tmp_path):

@@ -10,7 +10,8 @@ and `CACHE_FORMAT`, so a changed source gets a new entry and an unchanged one is
 Hashing every file on every load would be slow, so each source's content digest is remembered in
 a small stamp file keyed by (resolved path, byte size, mtime_ns); a source whose stat changed is
 hashed again. Every file is written to a temporary name and renamed into place, so a killed
-process never leaves a half-written entry behind (at worst an unused `*.tmp`).
+process never leaves a half-written entry behind; the `*.tmp` a SIGKILLed writer leaves is
+removed by the next `ensure` once it is an hour old.
 
 Resizing squeezes to size x size (no padding). Images use INTER_AREA. Masks are resized as the
 fraction of each output pixel that is foreground (INTER_AREA on 0/1 floats) and kept where that
@@ -25,6 +26,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -37,6 +39,7 @@ from ptxlab.data.cases import Case, DataError
 from ptxlab.data.io import map_in_threads, read_image, read_mask
 
 CACHE_FORMAT = 1  # bump when resizing or the entry format changes
+STALE_TEMPORARY_S = 3600  # a write takes milliseconds: a temporary this old lost its writer
 _CHUNK = 1 << 20
 
 
@@ -78,7 +81,9 @@ class ResizedCache:
         """Build every missing or stale entry. Returns the (case, problem) pairs skipped.
 
         A case that cannot be read raises its DataError, unless `skip_bad`, which skips it.
+        Temporaries left by killed writers are removed first.
         """
+        _remove_stale_temporaries([*self._entries.glob("*/.*.tmp"), *self._stamps.glob(".*.tmp")])
         skipped: list[tuple[Case, str]] = []
         results = map_in_threads(self._ensure_entry, cases)
         bar = tqdm(
@@ -163,6 +168,16 @@ def _file_sha256(path: Path) -> str:
     except OSError as exc:
         raise DataError(path, f"cannot read file: {exc.strerror or exc}") from exc
     return digest.hexdigest()
+
+
+def _remove_stale_temporaries(temporaries: Sequence[Path]) -> None:
+    cutoff = time.time() - STALE_TEMPORARY_S
+    for path in temporaries:
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except FileNotFoundError:
+            pass  # renamed into place or removed by another process meanwhile
 
 
 def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
