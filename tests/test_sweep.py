@@ -103,6 +103,30 @@ def postgres() -> str:
     return POSTGRES
 
 
+# Opens the storage at an agreed instant, so that the processes really start together.
+OPEN_STORAGE_AT = """
+import sys, time
+from ptxlab.sweep.storage import make_storage
+from ptxlab.sweep.study_file import HeartbeatSpec
+url, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+make_storage(url, HeartbeatSpec())
+"""
+
+
+def test_workers_starting_together_on_a_new_database_all_open_it(postgres):
+    """Optuna creates its tables on first use; unguarded, most of 4 simultaneous first uses
+    fail on PostgreSQL with a duplicate pg_type row (9 of 12 in a trial here)."""
+    from tests.servers import throwaway_database
+
+    with throwaway_database("ptxlab_test_schema", postgres) as url:
+        start = time.time() + 8  # after every interpreter has imported ptxlab
+        workers = [subprocess.Popen([sys.executable, "-c", OPEN_STORAGE_AT, url, str(start)],
+                                    stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        errors = [worker.communicate(timeout=120)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * 4, errors
+
+
 def test_shipped_study_files_are_valid():
     sizes = {path.stem: load_study_file(path) for path in sorted(STUDIES.glob("*.yaml"))}
     grid = {name: len(s.spec.configurations()) * s.spec.repeats for name, s in sizes.items()}

@@ -16,10 +16,13 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -33,6 +36,7 @@ from ptxlab.sweep.runs import PARENT_ATTR, finish_child_run
 from ptxlab.sweep.study_file import HeartbeatSpec
 
 HEARTBEAT_ATTR = "ptxlab.heartbeat"  # trial system attr of the journal storage
+SCHEMA_LOCK_KEY = zlib.crc32(b"ptxlab: optuna schema")  # a PostgreSQL advisory lock id
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
@@ -117,8 +121,8 @@ def make_storage(url: str, heartbeat: HeartbeatSpec) -> optuna.storages.BaseStor
         return HeartbeatJournalStorage(JournalFileBackend(str(path)), heartbeat.interval,
                                        heartbeat.grace_period, callback)
     try:
-        with warnings.catch_warnings():  # stable in practice; Optuna still labels it
-            warnings.simplefilter("ignore", ExperimentalWarning)
+        with _schema_lock(url), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # stable; Optuna still labels it
             return RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
                               heartbeat_interval=heartbeat.interval,
                               grace_period=heartbeat.grace_period,
@@ -126,6 +130,31 @@ def make_storage(url: str, heartbeat: HeartbeatSpec) -> optuna.storages.BaseStor
     except Exception as error:  # the driver's own error types: connection, auth, unknown DB
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise RuntimeError(f"cannot open the Optuna storage {masked(url)}: {message}") from None
+
+
+@contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """On PostgreSQL, one process at a time past this point, on every host.
+
+    RDBStorage creates Optuna's tables when a database has none; workers that start together
+    on a new database (`docker compose up --scale worker=N`) race there, and most of them fail
+    with a duplicate pg_type row. A session-level advisory lock serialises the creation.
+    """
+    if sqlalchemy.make_url(url).get_backend_name() != "postgresql":
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
+                               {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"),
+                                   {"key": SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
 
 
 def existing_storage(url: str, heartbeat: HeartbeatSpec) -> optuna.storages.BaseStorage:
