@@ -174,6 +174,12 @@ def test_siim_dicom_unlabelled_images_are_left_out_as_kaggle_stage_1_publishes_t
     assert (report["n_images"], len(report["left_out"])) == (len(cases), len(test_ids))
     table = CliRunner().invoke(app, ["data", "check", str(tmp_path)])
     assert f"{len(test_ids)} left out" in table.stdout and "no problems" in table.stdout
+    caplog.clear()
+    cached = CliRunner().invoke(app, ["data", "cache", str(tmp_path), "--size", "32",
+                                      "--skip-bad", "--cache-dir", str(tmp_path / "cache")])
+    assert cached.exit_code == 0, cached.output
+    assert f"{len(cases)} cases cached" in cached.stdout
+    assert f"{len(test_ids)} files left out" in caplog.text
 
 
 def test_siim_dicom_label_file_that_labels_no_image(siim_sample, tmp_path):

@@ -107,12 +107,13 @@ def cache(
 ) -> None:
     """Decode and resize every case once, so training loads small arrays instead."""
     from ptxlab.data.cache import ResizedCache, default_cache_dir
-    from ptxlab.data.layouts import load_cases, scan_layout
+    from ptxlab.data.layouts import load_cases, scan_layout, warn_left_out
 
     options = {"missing_mask_is_negative": missing_mask_is_negative, "rle_csv": rle_csv}
     with _one_line_errors():
         if skip_bad:
             scan = scan_layout(path, layout, **options)
+            warn_left_out(path, scan)
             cases, skipped = scan.cases, [str(problem) for problem in scan.problems]
         else:
             cases, skipped = load_cases(path, layout, **options), []

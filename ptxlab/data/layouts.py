@@ -91,16 +91,21 @@ def load_cases(
     scan = scan_layout(
         root, layout, missing_mask_is_negative=missing_mask_is_negative, rle_csv=rle_csv
     )
-    if scan.left_out:
-        first = scan.left_out[0]
-        logger.warning("%s: %d files left out (first: %s: %s); `ptxlab data check` lists them",
-                       root, len(scan.left_out), first.path, first.problem)
+    warn_left_out(root, scan)
     if scan.problems:
         first = scan.problems[0]
         more = len(scan.problems) - 1
         suffix = f" (and {more} more problems; run `ptxlab data check`)" if more else ""
         raise DataError(first.path, first.problem + suffix)
     return scan.cases
+
+
+def warn_left_out(root: Path, scan: LayoutScan) -> None:
+    """One warning on the `ptxlab.data` logger for what the scan left out, if anything."""
+    if scan.left_out:
+        first = scan.left_out[0]
+        logger.warning("%s: %d files left out (first: %s: %s); `ptxlab data check` lists them",
+                       root, len(scan.left_out), first.path, first.problem)
 
 
 def scan_layout(
