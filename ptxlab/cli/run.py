@@ -57,7 +57,7 @@ def run(
         from ptxlab.distributed import launch
 
         raise typer.Exit(launch(nproc, _argv_without_nproc()))
-    from ptxlab.distributed import RankZeroFailed
+    from ptxlab.distributed import RankZeroFailed, current
     from ptxlab.experiment import run_experiment  # torch, smp, MLflow: after the config
 
     try:
@@ -66,7 +66,7 @@ def run(
                                      resume_run_id=resume)
     except RankZeroFailed:
         raise typer.Exit(2) from None  # rank 0 has said why
-    if os.environ.get("RANK", "0") != "0":  # the other ranks under torchrun
+    if not current().is_main:
         return
     metrics = summary.metrics
     print(f"run id: {summary.run_id}")
