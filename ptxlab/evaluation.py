@@ -30,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ptxlab import plots, tracking
+from ptxlab import artifacts, plots, tracking
 from ptxlab.data.layouts import load_cases
 from ptxlab.data.sources import read_pair
 from ptxlab.metrics import MetricAccumulator, dice_from_counts
@@ -193,19 +193,20 @@ def log_evaluation(evaluation: Evaluation, gallery: list[dict[str, object]]) -> 
     """Metrics and artifacts into the evaluated run, leaving its status unchanged."""
     client = tracking.configure()
     run_id = evaluation.run_id
-    folder = f"evaluation/{evaluation.name}"
-    client.log_dict(run_id, evaluation.summary(), f"{folder}/metrics.json")
-    client.log_text(run_id, per_image_csv(evaluation.rows), f"{folder}/per_image.csv")
+    name = evaluation.name
+    client.log_dict(run_id, evaluation.summary(), artifacts.evaluation_file(name, "metrics.json"))
+    client.log_text(run_id, per_image_csv(evaluation.rows),
+                    artifacts.evaluation_file(name, "per_image.csv"))
     figure = plots.confusion_matrix(evaluation.confusion, ["negative", "positive"],
                                     f"{evaluation.name}: image-level calls (mask non-empty)")
-    client.log_figure(run_id, figure, f"{folder}/confusion_matrix.png")
+    client.log_figure(run_id, figure, artifacts.evaluation_file(name, "confusion_matrix.png"))
     plots.close(figure)
     if gallery:
         figure = plots.overlay_grid(
             [case["image"] for case in gallery], [case["truth"] for case in gallery],
             [case["mask"] for case in gallery],
             [f"Dice {case['dice']:.3f}  {_short(str(case['id']))}" for case in gallery])
-        client.log_figure(run_id, figure, f"{folder}/worst_cases.png")
+        client.log_figure(run_id, figure, artifacts.evaluation_file(name, "worst_cases.png"))
         plots.close(figure)
     for key, value in evaluation.logged_metrics().items():
         client.log_metric(run_id, key, float(value))

@@ -12,22 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ptxlab import distributed, plots, tracking
+from ptxlab import artifacts, distributed, plots, tracking
 from ptxlab.augment import build_eval_transform, build_train_transform, serialize
 from ptxlab.config import Config
 from ptxlab.data.cases import Case
 from ptxlab.data.dataset import SegmentationDataset, stratified_split
 from ptxlab.data.sources import SYNTHETIC, load_source, training_pairs
+from ptxlab.evaluation import evaluate_run
 from ptxlab.inference import Predictions, load_trained_model, predict
-from ptxlab.metrics import MetricAccumulator
+from ptxlab.metrics import score
 from ptxlab.postprocess import (
     PostProcessing,
     SearchResult,
     apply,
+    choose,
     save_probability_maps,
-    search_gate,
-    search_threshold,
-    search_triplet,
 )
 from ptxlab.train import (
     NonFiniteLossError,
@@ -36,10 +35,6 @@ from ptxlab.train import (
     select_device,
     train,
 )
-
-MODEL_ARTIFACT = "model/best.pt"
-POSTPROCESS_ARTIFACT = "model/postprocess.json"
-RESOLVED_CONFIG_ARTIFACT = "config/config.yaml"  # defaults + file + overrides
 
 
 @dataclass
@@ -90,15 +85,15 @@ def prepare_data(config: Config, progress: bool = True) -> PreparedData:
 
 def _log_inputs(config: Config, config_text: str | None, data: PreparedData) -> None:
     tracking.log_params(config.flat())
-    tracking.log_text(config.to_yaml(), RESOLVED_CONFIG_ARTIFACT)
+    tracking.log_text(config.to_yaml(), artifacts.RESOLVED_CONFIG)
     if config_text:
-        tracking.log_text(config_text, "config/source.yaml")
-    tracking.log_dict(serialize(data.train.transform), "config/augmentation.json")
+        tracking.log_text(config_text, artifacts.SOURCE_CONFIG)
+    tracking.log_dict(serialize(data.train.transform), artifacts.AUGMENTATION)
     split = {"train": [c.case_id for c in data.train.cases],
              "val": [c.case_id for c in data.val.cases]}
-    tracking.log_dict(split, "data/split.json")
+    tracking.log_dict(split, artifacts.SPLIT)
     if data.skipped:
-        tracking.log_text("\n".join(f"{c.image}: {p}" for c, p in data.skipped), "data/skipped.txt")
+        tracking.log_text("\n".join(f"{c.image}: {p}" for c, p in data.skipped), artifacts.SKIPPED)
     tracking.log_metrics({"data_skipped": len(data.skipped)})
     source = config.data.source
     name = SYNTHETIC if source == SYNTHETIC else Path(source).name
@@ -166,13 +161,11 @@ def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: st
         tracking.set_tags({"ptxlab.stopped_by": result.stopped_by,
                            "ptxlab.best_epoch": result.best_epoch})
         figure = plots.learning_curves(result.history, result.best_epoch)
-        tracking.log_figure(figure, "plots/learning_curves.png")
+        tracking.log_figure(figure, artifacts.LEARNING_CURVES)
         plots.close(figure)
         summary.metrics, summary.postprocess = _finalize(config, data, result.best_checkpoint,
                                                           workdir, progress)
         if config.data.test_source:
-            from ptxlab.evaluation import evaluate_run
-
             summary.test_metrics = evaluate_run(
                 run_id, Path(config.data.test_source), config.data.test_layout, name="test",
                 progress=progress).metrics
@@ -214,83 +207,51 @@ def _finalize(config: Config, data: PreparedData, best_checkpoint: Path, workdir
     device = select_device(config.train.device)
     model, _ = load_trained_model(best_checkpoint, device)
     predictions = predict(model, data.val, device, config.train.batch_size, progress=progress)
-    maps_path = workdir / "val_probabilities.npz"
+    maps_path = workdir / artifacts.file_name(artifacts.VALIDATION_MAPS)
     save_probability_maps(maps_path, predictions.ids, predictions.probs, predictions.truths,
                           predictions.class_probs)
-    tracking.log_artifact(maps_path, "validation")
+    tracking.log_artifact(maps_path, artifacts.folder(artifacts.VALIDATION_MAPS))
 
-    chosen = choose_postprocessing(config, predictions)
-    tracking.log_dict(chosen.to_dict(), POSTPROCESS_ARTIFACT)
+    chosen = _choose_postprocessing(config, predictions)
+    tracking.log_dict(chosen.to_dict(), artifacts.POSTPROCESS)
     tracking.log_params({f"chosen.postprocess.{k}": v for k, v in chosen.to_dict().items()})
     metrics = score(predictions, chosen)
     tracking.log_metrics({f"best_val_{key}": value for key, value in metrics.items()})
 
     _log_overlays(config, data.val, predictions, chosen)
-    tracking.log_artifact(best_checkpoint, "model")
+    tracking.log_artifact(best_checkpoint, artifacts.folder(artifacts.MODEL))
     return metrics, chosen.to_dict()
 
 
-def choose_postprocessing(config: Config, predictions: Predictions) -> PostProcessing:
-    """The configured rule, or the grid-search optimum on validation maps (logged as a heatmap)."""
+def _choose_postprocessing(config: Config, predictions: Predictions) -> PostProcessing:
+    """`postprocess.choose` on the validation maps; its searches logged (table and heatmap)."""
     pp = config.postprocess
-    if not pp.search:
-        return PostProcessing(pp.rule, threshold=pp.threshold, min_area=pp.min_area,
-                              top_threshold=pp.top_threshold, min_top_area=pp.min_top_area,
-                              bottom_threshold=pp.bottom_threshold, resolution=pp.resolution)
-    search = search_threshold if pp.rule == "threshold" else search_triplet
-    result = search(predictions.probs, predictions.truths, objective=pp.objective,
-                    resolution=pp.resolution)
-    _log_search(result, pp.resolution, pp.objective)
-    if config.model.gate == "none":
-        return result.best
-    gated = search_gate(predictions.probs, predictions.truths, result.best, config.model.gate,
-                        predictions.class_probs, objective=pp.objective)
-    tracking.log_dict(_search_record(gated), "validation/gate_search.json")
-    return gated.best
+    configured = PostProcessing(pp.rule, threshold=pp.threshold, min_area=pp.min_area,
+                                top_threshold=pp.top_threshold, min_top_area=pp.min_top_area,
+                                bottom_threshold=pp.bottom_threshold, resolution=pp.resolution)
+    choice = choose(predictions.probs, predictions.truths, configured, pp.search, pp.objective,
+                    config.model.gate, predictions.class_probs)
+    if choice.search is not None:
+        _log_search(choice.search, pp.resolution, pp.objective)
+    if choice.gate_search is not None:
+        tracking.log_dict(choice.gate_search.to_dict(), artifacts.GATE_SEARCH)
+    return choice.rule
 
 
 def _log_search(result: SearchResult, resolution: int, objective: str) -> None:
-    """The score table as JSON, and as a threshold x area heatmap (for the triplet rule: top
-    threshold x top area at the best bottom threshold)."""
-    best_pp = result.best
-    if best_pp.kind == "threshold":
-        row_key, col_key, rows_label = "threshold", "min_area", "threshold BT"
-        col_label = f"min component area RT (px at {resolution}²)"
-        rows_of_table = result.table
+    """The score table as JSON, and as a threshold x area heatmap."""
+    best = result.best
+    if best.kind == "threshold":
+        rows_label, col_label = "threshold BT", f"min component area RT (px at {resolution}²)"
     else:
-        row_key, col_key, rows_label = "top_threshold", "min_top_area", "top threshold"
-        col_label = f"min top area (px at {resolution}², bottom {best_pp.bottom_threshold:g})"
-        rows_of_table = [r for r in result.table
-                         if r["bottom_threshold"] == best_pp.bottom_threshold]
-    thresholds = sorted({row[row_key] for row in rows_of_table})
-    areas = sorted({row[col_key] for row in rows_of_table})
-    table = np.full((len(thresholds), len(areas)), np.nan)
-    for row in rows_of_table:
-        table[thresholds.index(row[row_key]), areas.index(row[col_key])] = row["score"]
-    best = (thresholds.index(getattr(best_pp, row_key)), areas.index(getattr(best_pp, col_key)))
-    figure = plots.heatmap(table, thresholds, areas, rows_label, col_label,
-                           f"validation {objective} ({best_pp.kind} rule)", best)
-    tracking.log_figure(figure, "plots/postprocess_search.png")
+        rows_label = "top threshold"
+        col_label = f"min top area (px at {resolution}², bottom {best.bottom_threshold:g})"
+    heatmap = result.heatmap()
+    figure = plots.heatmap(heatmap.scores, heatmap.thresholds, heatmap.areas, rows_label,
+                           col_label, f"validation {objective} ({best.kind} rule)", heatmap.best)
+    tracking.log_figure(figure, artifacts.POSTPROCESS_SEARCH_PLOT)
     plots.close(figure)
-    tracking.log_dict(_search_record(result), "validation/postprocess_search.json")
-
-
-def _search_record(result: SearchResult) -> dict:
-    return {"objective": result.objective, "best_score": result.best_score,
-            "best": result.best.to_dict(), "widenings": list(result.widenings),
-            "table": result.table}
-
-
-def score(predictions: Predictions, pp: PostProcessing) -> dict[str, float]:
-    """The three metric families on post-processed masks."""
-    accumulator = MetricAccumulator()
-    head = predictions.class_probs
-    masks = np.stack([apply(p, pp, None if head is None else head[i])
-                      for i, p in enumerate(predictions.probs)])
-    scores = (head if head is not None
-              else predictions.probs.reshape(len(masks), -1).max(axis=1) / 255.0)
-    accumulator.update(masks, predictions.truths, scores, ids=predictions.ids)
-    return accumulator.compute()
+    tracking.log_dict(result.to_dict(), artifacts.POSTPROCESS_SEARCH)
 
 
 def _log_overlays(config: Config, dataset: SegmentationDataset, predictions: Predictions,
@@ -307,5 +268,5 @@ def _log_overlays(config: Config, dataset: SegmentationDataset, predictions: Pre
         [apply(predictions.probs[i], pp, None if predictions.class_probs is None
                else predictions.class_probs[i]) for i in chosen],
         [dataset.cases[i].case_id for i in chosen])
-    tracking.log_figure(figure, "plots/validation_overlays.png")
+    tracking.log_figure(figure, artifacts.VALIDATION_OVERLAYS)
     plots.close(figure)

@@ -23,8 +23,13 @@ Conventions for 0/0 (each documented where it applies):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: both modules build on this one
+    from ptxlab.inference import Predictions
+    from ptxlab.postprocess import PostProcessing
 
 METRIC_KEYS = (
     "pooled_iou",
@@ -97,17 +102,14 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((rank_sum_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def max_probability(probs: np.ndarray) -> np.ndarray:
-    """Image score = the highest pixel probability of each (N, H, W) map (uint8 maps are /255)."""
+def image_scores(probs: np.ndarray, head_probs: np.ndarray | None = None) -> np.ndarray:
+    """Each image's score: its classification-head probability when the model has a head,
+    else the highest pixel probability of its (H, W) map (uint8 maps are /255)."""
+    if head_probs is not None:
+        return np.asarray(head_probs)
     probs = np.asarray(probs)
     top = probs.reshape(len(probs), -1).max(axis=1).astype(np.float64)
     return top / 255.0 if probs.dtype == np.uint8 else top
-
-
-def predicted_area(masks: np.ndarray) -> np.ndarray:
-    """Image score = the number of predicted pixels of each (N, H, W) mask."""
-    masks = np.asarray(masks)
-    return np.count_nonzero(masks.reshape(len(masks), -1), axis=1).astype(np.float64)
 
 
 def _mean_or_nan(values: np.ndarray) -> float:
@@ -246,3 +248,13 @@ class MetricAccumulator:
             ],
             dtype=np.int64,
         )
+
+
+def score(predictions: Predictions, rule: PostProcessing) -> dict[str, float]:
+    """The three metric families of `predictions` (maps, truths, head probabilities) once
+    `rule` has made masks of the maps."""
+    head = predictions.class_probs
+    accumulator = MetricAccumulator()
+    accumulator.update(rule.masks(predictions.probs, head), predictions.truths,
+                       image_scores(predictions.probs, head), ids=predictions.ids)
+    return accumulator.compute()

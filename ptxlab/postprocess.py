@@ -106,6 +106,11 @@ class PostProcessing:
         """Inverse of ``to_dict`` (missing parameters take their defaults)."""
         return cls(**values)
 
+    def masks(self, probs: np.ndarray, head_probs: np.ndarray | None = None) -> np.ndarray:
+        """``apply`` to each of (N, H, W) maps (with each image's head probability, if any)."""
+        return np.stack([apply(p, self, None if head_probs is None else head_probs[i])
+                         for i, p in enumerate(probs)])
+
 
 def quantise(probs: np.ndarray) -> np.ndarray:
     """Probabilities as uint8 levels round(p * 255), p clipped to [0, 1]; uint8 passes through."""
@@ -186,6 +191,39 @@ class SearchResult:
     def widened(self) -> bool:
         """Whether the grid was extended because the optimum sat on an edge."""
         return bool(self.widenings)
+
+    def to_dict(self) -> dict[str, object]:
+        """The search as JSON: objective, best score and rule, widenings, the whole table."""
+        return {"objective": self.objective, "best_score": self.best_score,
+                "best": self.best.to_dict(), "widenings": list(self.widenings),
+                "table": self.table}
+
+    def heatmap(self) -> Heatmap:
+        """The table as a threshold x area matrix (for the triplet rule: top threshold x top
+        area at the best bottom threshold)."""
+        best = self.best
+        if best.kind == "threshold":
+            row_key, col_key, rows = "threshold", "min_area", self.table
+        else:
+            row_key, col_key = "top_threshold", "min_top_area"
+            rows = [r for r in self.table if r["bottom_threshold"] == best.bottom_threshold]
+        thresholds = sorted({row[row_key] for row in rows})
+        areas = sorted({row[col_key] for row in rows})
+        scores = np.full((len(thresholds), len(areas)), np.nan)
+        for row in rows:
+            scores[thresholds.index(row[row_key]), areas.index(row[col_key])] = row["score"]
+        cell = (thresholds.index(getattr(best, row_key)), areas.index(getattr(best, col_key)))
+        return Heatmap(scores, thresholds, areas, cell)
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A search table as a matrix: ``scores[i, j]`` at ``thresholds[i]`` x ``areas[j]``."""
+
+    scores: np.ndarray
+    thresholds: list[float]
+    areas: list[float]
+    best: tuple[int, int]  # (row, column) of the best rule
 
 
 def _objective_scores(
@@ -531,3 +569,26 @@ def load_probability_maps(path: str | Path) -> StoredMaps:
             truths = np.unpackbits(data["truths"], axis=-1, count=width).astype(bool)
         head = data["head_probs"] if "head_probs" in data else None
         return StoredMaps([str(i) for i in data["ids"]], probs, truths, head)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The post-processing a run uses, and the searches that chose it (None when not run)."""
+
+    rule: PostProcessing
+    search: SearchResult | None = None
+    gate_search: SearchResult | None = None
+
+
+def choose(probs: np.ndarray, truths: np.ndarray, configured: PostProcessing, search: bool,
+           objective: str, gate: str, head_probs: np.ndarray | None = None) -> Choice:
+    """``configured`` as it is, or the grid-search optimum of its kind on validation maps,
+    then (unless ``gate`` is "none") the best image-level gate on top of it."""
+    if not search:
+        return Choice(configured)
+    searcher = search_threshold if configured.kind == "threshold" else search_triplet
+    result = searcher(probs, truths, objective=objective, resolution=configured.resolution)
+    if gate == "none":
+        return Choice(result.best, result)
+    gated = search_gate(probs, truths, result.best, gate, head_probs, objective=objective)
+    return Choice(gated.best, result, gated)

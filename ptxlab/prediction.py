@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ptxlab import tracking
+from ptxlab import artifacts, tracking
 from ptxlab.augment import build_eval_transform
 from ptxlab.config import Config
 from ptxlab.data.cache import resize_image
@@ -42,8 +42,8 @@ from ptxlab.data.cases import Case, DataError
 from ptxlab.data.dataset import SegmentationDataset
 from ptxlab.data.io import read_image_file
 from ptxlab.data.layouts import IMAGE_SUFFIXES
-from ptxlab.experiment import MODEL_ARTIFACT, POSTPROCESS_ARTIFACT
 from ptxlab.inference import TTA_MODES, load_trained_model, predict
+from ptxlab.metrics import image_scores
 from ptxlab.plots import overlay
 from ptxlab.postprocess import PostProcessing, apply
 from ptxlab.train import select_device
@@ -91,14 +91,14 @@ def load_run(run_id: str, device: torch.device | None = None) -> TrainedRun:
     except Exception as error:  # MLflow's own exception type; this module does not import MLflow
         detail = " ".join(str(error).split())[:200]
         raise ValueError(f"run {run_id}: not found in the tracking store ({detail})") from None
-    logged = {info.path for info in client.list_artifacts(run_id, "model")}
-    for artifact in (MODEL_ARTIFACT, POSTPROCESS_ARTIFACT):
+    logged = {info.path for info in client.list_artifacts(run_id, artifacts.folder(artifacts.MODEL))}
+    for artifact in (artifacts.MODEL, artifacts.POSTPROCESS):
         if artifact not in logged:
             raise FileNotFoundError(f"run {run_id}: no {artifact} logged (did training finish?)")
     device = device or select_device("auto")
     with tempfile.TemporaryDirectory(prefix="ptxlab-run-") as folder:
-        checkpoint = tracking.download_artifact(run_id, MODEL_ARTIFACT, Path(folder))
-        rule = tracking.download_artifact(run_id, POSTPROCESS_ARTIFACT, Path(folder))
+        checkpoint = tracking.download_artifact(run_id, artifacts.MODEL, Path(folder))
+        rule = tracking.download_artifact(run_id, artifacts.POSTPROCESS, Path(folder))
         model, config = load_trained_model(checkpoint, device)
         postprocess = PostProcessing.from_dict(json.loads(rule.read_text()))
     return TrainedRun(run_id, model, config, postprocess, device)
@@ -128,8 +128,7 @@ def predict_native(run: TrainedRun, cases: Sequence[Case], read: NativeReader,
             batch_natives.clear()
             dataset = SegmentationDataset(batch, model_input, transform, seed=0)
             result = predict(run.model, dataset, run.device, batch_size, tta, progress=False)
-            scores = (result.class_probs if result.class_probs is not None
-                      else result.probs.reshape(len(batch), -1).max(axis=1) / 255.0)
+            scores = image_scores(result.probs, result.class_probs)
             for case, (image, truth), small, score in zip(
                 batch, batch_natives, result.probs, scores, strict=True
             ):

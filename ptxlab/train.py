@@ -24,7 +24,7 @@ from ptxlab import distributed
 from ptxlab.config import Config
 from ptxlab.data.dataset import GlobalBatchSampler, SegmentationDataset
 from ptxlab.losses import SegmentationLoss
-from ptxlab.metrics import MetricAccumulator
+from ptxlab.metrics import MetricAccumulator, image_scores
 from ptxlab.model import build_model, split_output
 from ptxlab.postprocess import foreground
 
@@ -339,8 +339,7 @@ def evaluate_loader(model, normalize, criterion, loader, device, autocast=nullco
             loss, _ = criterion(output, masks)
         probs = torch.sigmoid(output.mask_logits.float())[:, 0].cpu().numpy()
         truth = masks[:, 0].cpu().numpy().astype(bool)
-        accumulator.update(foreground(probs, threshold), truth,
-                           probs.reshape(len(probs), -1).max(axis=1))
+        accumulator.update(foreground(probs, threshold), truth, image_scores(probs))
         loss_sum += loss.item() * images.shape[0]
         n_images += images.shape[0]
     summary = accumulator.compute()

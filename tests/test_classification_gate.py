@@ -6,10 +6,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ptxlab.config import ConfigError, load_config
-from ptxlab.experiment import run_experiment, score
+from ptxlab.experiment import run_experiment
 from ptxlab.inference import Predictions
 from ptxlab.losses import SegmentationLoss
-from ptxlab.metrics import MetricAccumulator
+from ptxlab.metrics import MetricAccumulator, score
 from ptxlab.model import build_model, split_output
 from ptxlab.postprocess import PostProcessing, apply, search_gate
 from tests.conftest import TINY_RUN

@@ -23,6 +23,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from ptxlab import tracking
+from ptxlab.artifacts import MODEL as MODEL_ARTIFACT
+from ptxlab.artifacts import POSTPROCESS as POSTPROCESS_ARTIFACT
 from ptxlab.augment import build_eval_transform
 from ptxlab.cli import app
 from ptxlab.config import load_config
@@ -32,7 +34,7 @@ from ptxlab.data.io import read_image, read_mask
 from ptxlab.data.layouts import load_cases
 from ptxlab.data.sources import read_pair
 from ptxlab.evaluation import evaluate_run
-from ptxlab.experiment import MODEL_ARTIFACT, POSTPROCESS_ARTIFACT, run_experiment
+from ptxlab.experiment import run_experiment
 from ptxlab.inference import load_trained_model, predict
 from ptxlab.postprocess import PostProcessing, apply
 from ptxlab.prediction import load_run, predict_native

@@ -17,9 +17,8 @@ from sklearn.metrics import (
 from ptxlab.metrics import (
     METRIC_KEYS,
     MetricAccumulator,
-    max_probability,
+    image_scores,
     pooled_metrics,
-    predicted_area,
     roc_auc,
 )
 
@@ -177,8 +176,11 @@ def test_bad_shapes_rejected():
 def test_image_score_helpers():
     probs = np.zeros((2, 3, 3), dtype=np.float32)
     probs[0, 1, 1] = 0.75
-    assert max_probability(probs).tolist() == [0.75, 0.0]
-    assert max_probability((probs * 255).astype(np.uint8)).tolist() == pytest.approx(
+    assert image_scores(probs).tolist() == [0.75, 0.0]
+    assert image_scores((probs * 255).astype(np.uint8)).tolist() == pytest.approx(
         [0.749, 0], abs=0.01
     )
-    assert predicted_area(probs > 0.5).tolist() == [1.0, 0.0]
+    assert image_scores(probs, np.array([0.2, 0.9])).tolist() == [0.2, 0.9]
+    accumulator = MetricAccumulator()  # without image scores, the predicted area is the score
+    accumulator.update(probs > 0.5, np.zeros(probs.shape, dtype=bool))
+    assert [row["score"] for row in accumulator.rows()] == [1.0, 0.0]

@@ -9,9 +9,11 @@ from ptxlab.postprocess import (
     DEFAULT_THRESHOLDS,
     PostProcessing,
     apply,
+    choose,
     load_probability_maps,
     quantise,
     save_probability_maps,
+    search_gate,
     search_threshold,
     search_triplet,
 )
@@ -195,3 +197,32 @@ def test_truths_and_head_probabilities_are_stored_with_the_maps(tmp_path):
     assert np.allclose(stored.head_probs, head)
     with pytest.raises(ValueError, match="truths"):
         save_probability_maps(path, ids, probs, truths[:, :4])
+
+
+def test_choose_keeps_a_fixed_rule_and_otherwise_takes_the_search_optimum():
+    probs, truths = quantise(smooth_maps()[0]), smooth_maps()[1]
+    configured = PostProcessing("triplet", top_threshold=0.6, resolution=48)
+    kept = choose(probs, truths, configured, False, "pooled_iou", "area")
+    assert kept.rule == configured and kept.search is None and kept.gate_search is None
+    searched = choose(probs, truths, configured, True, "mean_dice", "none")
+    assert searched.search == search_triplet(probs, truths, "mean_dice", resolution=48)
+    assert searched.rule == searched.search.best and searched.gate_search is None
+    gated = choose(probs, truths, configured, True, "mean_dice", "area")
+    assert gated.gate_search == search_gate(probs, truths, searched.rule, "area",
+                                            objective="mean_dice")
+    assert gated.rule == gated.gate_search.best and gated.rule.gate == "area"
+
+
+def test_search_heatmap_places_every_score_of_the_table():
+    probs, truths = smooth_maps()
+    result = search_threshold(probs, truths, "pooled_iou", resolution=48, widen=False,
+                              thresholds=[0.3, 0.5, 0.7], min_areas=[0, 16, 96])
+    heatmap = result.heatmap()
+    assert heatmap.thresholds == [0.3, 0.5, 0.7] and heatmap.areas == [0, 16, 96]
+    for row in result.table:
+        i, j = heatmap.thresholds.index(row["threshold"]), heatmap.areas.index(row["min_area"])
+        assert heatmap.scores[i, j] == row["score"]
+    row, column = heatmap.best
+    assert (heatmap.thresholds[row], heatmap.areas[column]) == (
+        result.best.threshold, result.best.min_area)
+    assert heatmap.scores[heatmap.best] == result.best_score

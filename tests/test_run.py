@@ -74,8 +74,9 @@ def test_non_finite_loss_fails_the_run_with_a_reason(isolated_store):
 
 def test_untrained_network_scores_near_zero_dice(isolated_store):
     """The synthetic task is not trivial: a random network's masks barely overlap the truth."""
-    from ptxlab.experiment import prepare_data, score
+    from ptxlab.experiment import prepare_data
     from ptxlab.inference import predict
+    from ptxlab.metrics import score
     from ptxlab.model import build_model
     from ptxlab.postprocess import PostProcessing
 

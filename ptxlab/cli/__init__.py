@@ -2,7 +2,7 @@
 
 import typer
 
-from ptxlab.cli import augment, data, evaluate, run, sweep, weights
+from ptxlab.cli import augment, data, evaluate, predict, report, run, sweep, weights
 
 app = typer.Typer(
     name="ptxlab",
@@ -14,9 +14,9 @@ app = typer.Typer(
 
 app.command("run")(run.run)
 app.command("sweep")(sweep.sweep)
-app.command("report")(sweep.report)
+app.command("report")(report.report)
 app.command("evaluate")(evaluate.evaluate)
-app.command("predict")(evaluate.predict)
+app.command("predict")(predict.predict)
 app.command("ui")(run.ui)
 app.add_typer(run.config_app, name="config")
 app.add_typer(data.app, name="data")

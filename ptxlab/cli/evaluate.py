@@ -1,4 +1,4 @@
-"""`ptxlab evaluate` and `ptxlab predict`: use a logged run's model on new images."""
+"""`ptxlab evaluate`: score a logged run on a labelled data set, logged into that run."""
 
 from __future__ import annotations
 
@@ -12,14 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from ptxlab.cli.errors import fail_cleanly
+from ptxlab.cli.options import BatchSizeOption, RunIdArg, TtaOption
 
 if TYPE_CHECKING:
     from ptxlab.evaluation import Evaluation
 
-RunIdArg = Annotated[str, typer.Argument(help="MLflow run id of a finished training run.",
-                                         show_default=False)]
-TtaOption = Annotated[str, typer.Option("--tta", help="Test-time augmentation: none or hflip.")]
-BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
 COUNT_KEYS = ("n_images", "n_positive")
 
 
@@ -63,24 +60,3 @@ def _metrics_table(evaluation: Evaluation) -> Table:
         shown = [f"{v:.0f}" if key in COUNT_KEYS else f"{v:.4f}" for v in cells]
         table.add_row(key, *shown)
     return table
-
-
-def predict(
-    run_id: RunIdArg,
-    inputs: Annotated[list[Path], typer.Argument(
-        help="PNG, JPEG or DICOM files, or folders searched recursively.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Folder for masks, overlays and "
-                                                    "predictions.csv.", show_default=False)],
-    tta: TtaOption = "none",
-    with_overlay: Annotated[bool, typer.Option(
-        "--overlay/--no-overlay", help="Also write <stem>_overlay.png.")] = True,
-    batch_size: BatchSizeOption = 8,
-) -> None:
-    """Write a native-resolution mask (and overlay) per image, plus predictions.csv."""
-    with fail_cleanly():
-        from ptxlab.prediction import PREDICTIONS_CSV, predict_files
-
-        rows = predict_files(run_id, inputs, out, tta, with_overlay, batch_size,
-                             progress=sys.stderr.isatty())
-    positives = sum(int(row["positive"]) for row in rows)
-    print(f"wrote {len(rows)} masks ({positives} called positive) and {PREDICTIONS_CSV} to {out}")

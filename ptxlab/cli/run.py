@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ptxlab import artifacts
 from ptxlab.cli.errors import fail_cleanly
 from ptxlab.config import Config, load_config, render
 
@@ -43,12 +44,11 @@ def run(
     with fail_cleanly():
         if resume:
             from ptxlab import tracking
-            from ptxlab.experiment import RESOLVED_CONFIG_ARTIFACT
 
             if config or overrides:
                 raise ValueError("--resume continues a run with its own logged config; "
                                  "drop CONFIG and --set")
-            resolved = load_config(tracking.download_artifact(resume, RESOLVED_CONFIG_ARTIFACT))
+            resolved = load_config(tracking.download_artifact(resume, artifacts.RESOLVED_CONFIG))
         else:
             resolved = load_config(config, overrides or [])
         if launching:

@@ -1,4 +1,4 @@
-"""`ptxlab sweep` and `ptxlab report`."""
+"""`ptxlab sweep`: run an Optuna study of training or post-processing configurations."""
 
 from __future__ import annotations
 
@@ -8,11 +8,7 @@ from typing import Annotated
 import typer
 
 from ptxlab.cli.errors import fail_cleanly
-
-StorageOption = Annotated[str | None, typer.Option(
-    help="Optuna storage: an RDB URL such as postgresql+psycopg2://user@host/db (workers on "
-         "several hosts) or a journal file path. Default: $OPTUNA_STORAGE, else "
-         "mlruns/optuna/<study>.journal.", show_default=False)]
+from ptxlab.cli.options import StorageOption
 
 
 def sweep(
@@ -49,21 +45,3 @@ def sweep(
     if result.worker_failures and result.unfinished:
         print("run the command again to finish the study")
         raise typer.Exit(3)
-
-
-def report(
-    study: Annotated[str, typer.Argument(help="Study file or study name.")],
-    storage: StorageOption = None,
-    out: Annotated[Path | None, typer.Option(
-        help="Output folder (default: mlruns/reports/<study>).", show_default=False)] = None,
-) -> None:
-    """Effects with 95 % CIs over repeats, importances, best configuration and hypothesis
-    verdicts of a study, as Markdown + PNG, also logged to the study's MLflow parent run."""
-    with fail_cleanly():
-        from ptxlab.report import write_report
-
-        result = write_report(study, storage, out)
-    print(f"report: {result.markdown}")
-    for verdict in result.verdicts:
-        print(f"{verdict.verdict:>13}: {verdict.hypothesis.name} ({verdict.summary})")
-    print(f"logged to MLflow parent run {result.parent_run_id} under report/")

@@ -6,13 +6,11 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
-
-from ptxlab import tracking
+from ptxlab import artifacts, tracking
 from ptxlab.config import load_config
+from ptxlab.inference import Predictions
+from ptxlab.postprocess import load_probability_maps
 from ptxlab.sweep.study_file import SourceSpec
-
-MAPS_ARTIFACT = "validation/val_probabilities.npz"
 
 
 def resolve_source_runs(source: SourceSpec, count: int) -> list[str]:
@@ -21,7 +19,7 @@ def resolve_source_runs(source: SourceSpec, count: int) -> list[str]:
     if source.runs:
         for run_id in source.runs:
             if not _has_maps(client, run_id):
-                raise FileNotFoundError(f"run {run_id} has no {MAPS_ARTIFACT}")
+                raise FileNotFoundError(f"run {run_id} has no {artifacts.VALIDATION_MAPS}")
         return list(source.runs)
     experiment = client.get_experiment_by_name(source.experiment)
     if experiment is None:
@@ -39,29 +37,21 @@ def resolve_source_runs(source: SourceSpec, count: int) -> list[str]:
 
 
 def _has_maps(client, run_id: str) -> bool:
-    return any(item.path == MAPS_ARTIFACT for item in client.list_artifacts(run_id, "validation"))
+    return any(item.path == artifacts.VALIDATION_MAPS for item in client.list_artifacts(
+        run_id, artifacts.folder(artifacts.VALIDATION_MAPS)))
 
 
 @lru_cache(maxsize=1)  # a grid's queue runs repeat by repeat: one source run after another
-def validation_predictions(run_id: str):
+def validation_predictions(run_id: str) -> tuple[Predictions, int]:
     """A finished run's stored validation maps with their truths and head probabilities, and
-    its post-processing resolution. Maps stored without truths (older runs) get them rebuilt
-    from the run's resolved config, checked against the stored ids."""
-    from ptxlab.experiment import RESOLVED_CONFIG_ARTIFACT, prepare_data
-    from ptxlab.inference import Predictions
-    from ptxlab.postprocess import load_probability_maps
-
+    its post-processing resolution."""
     with tempfile.TemporaryDirectory(prefix="ptxlab-maps-") as workdir:
         stored = load_probability_maps(
-            tracking.download_artifact(run_id, MAPS_ARTIFACT, Path(workdir)))
+            tracking.download_artifact(run_id, artifacts.VALIDATION_MAPS, Path(workdir)))
         config = load_config(
-            tracking.download_artifact(run_id, RESOLVED_CONFIG_ARTIFACT, Path(workdir)))
-    truths = stored.truths
-    if truths is None:
-        data = prepare_data(config, progress=False)
-        if [case.case_id for case in data.val.cases] != stored.ids:
-            raise RuntimeError(f"run {run_id}: its validation split no longer matches its "
-                               "stored maps (has the data changed?)")
-        truths = np.stack([data.val[i][1][0].numpy().astype(bool) for i in range(len(data.val))])
-    predictions = Predictions(stored.ids, stored.probs, truths, stored.head_probs)
+            tracking.download_artifact(run_id, artifacts.RESOLVED_CONFIG, Path(workdir)))
+    if stored.truths is None:
+        raise ValueError(f"run {run_id}: its {artifacts.VALIDATION_MAPS} has no truths "
+                         "(written by an older ptxlab); train the run again")
+    predictions = Predictions(stored.ids, stored.probs, stored.truths, stored.head_probs)
     return predictions, config.postprocess.resolution

@@ -19,6 +19,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ptxlab import tracking
+from ptxlab.metrics import score
 from ptxlab.sweep.runs import finish_child_run, set_parent_status
 from ptxlab.sweep.source_runs import validation_predictions
 from ptxlab.sweep.storage import StaleTrialHandler
@@ -230,8 +231,6 @@ class Worker:
 
     def _postprocess(self, trial: Trial, params: dict[str, Label], repeat: int,
                      tags: dict[str, str], run_name: str) -> float:
-        from ptxlab.experiment import score
-
         source = self.handle.definition["source_runs"][repeat]
         predictions, resolution = validation_predictions(source)
         rule = build_postprocessing(self.spec.overrides_for(params), resolution,

@@ -1,0 +1,54 @@
+"""The artifact layout of one training run: every file a run logs, named once.
+
+A run writes these (through `tracking`) and evaluate, predict, resume and post-processing
+studies read them back by the same names:
+
+    config/config.yaml                 resolved config: defaults + file + overrides (`--resume`)
+    config/source.yaml                 the config file as given, when there was one
+    config/augmentation.json           the training transform, as albumentations JSON
+    data/split.json                    case ids of the training and validation splits
+    data/skipped.txt                   cases `data.skip_bad` left out, with the reason
+    model/best.pt                      best checkpoint (what evaluate and predict load)
+    model/postprocess.json             the chosen post-processing (what they replay)
+    validation/val_probabilities.npz   validation maps, truths and head probabilities
+    validation/postprocess_search.json grid-search table of the post-processing rule
+    validation/gate_search.json        grid-search table of the image-level gate
+    plots/learning_curves.png, plots/postprocess_search.png, plots/validation_overlays.png
+    evaluation/<name>/                 what `ptxlab evaluate` logged (see `evaluation_file`)
+"""
+
+from __future__ import annotations
+
+RESOLVED_CONFIG = "config/config.yaml"
+SOURCE_CONFIG = "config/source.yaml"
+AUGMENTATION = "config/augmentation.json"
+SPLIT = "data/split.json"
+SKIPPED = "data/skipped.txt"
+MODEL = "model/best.pt"
+POSTPROCESS = "model/postprocess.json"
+VALIDATION_MAPS = "validation/val_probabilities.npz"
+POSTPROCESS_SEARCH = "validation/postprocess_search.json"
+GATE_SEARCH = "validation/gate_search.json"
+LEARNING_CURVES = "plots/learning_curves.png"
+POSTPROCESS_SEARCH_PLOT = "plots/postprocess_search.png"
+VALIDATION_OVERLAYS = "plots/validation_overlays.png"
+
+
+def folder(artifact: str) -> str:
+    """The folder an artifact lives in (what `log_artifact` and `list_artifacts` take)."""
+    return artifact.rpartition("/")[0]
+
+
+def file_name(artifact: str) -> str:
+    """The artifact's own file name, e.g. for a local copy before it is logged."""
+    return artifact.rpartition("/")[2]
+
+
+def evaluation_folder(name: str) -> str:
+    """Where `ptxlab evaluate --name NAME` logs its files."""
+    return f"evaluation/{name}"
+
+
+def evaluation_file(name: str, file: str) -> str:
+    """One file of an evaluation: metrics.json, per_image.csv, confusion_matrix.png, ..."""
+    return f"{evaluation_folder(name)}/{file}"
