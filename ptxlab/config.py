@@ -14,6 +14,11 @@ class ConfigError(ValueError):
     """A configuration problem, reported as one line."""
 
 
+STAGE = "stage"  # schema marker: "evaluation" for keys that cannot change the trained weights
+EVALUATION = {STAGE: "evaluation"}
+TRAINING = {STAGE: "training"}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -59,7 +64,8 @@ class ModelConfig(_Section):
     decoder_channels: list[int] = Field([128, 64, 32, 16, 8], min_length=1, max_length=5)
     classification_head: bool = False
     gate: Literal["none", "head", "area"] = Field(
-        "none", description="image-level decision that can empty a mask; searched on validation")
+        "none", description="image-level decision that can empty a mask; searched on validation",
+        json_schema_extra=EVALUATION)
     freeze_encoder_epochs: int = Field(0, ge=0)
     channels_last: bool = False
     compile: bool = False
@@ -107,6 +113,9 @@ class TrainConfig(_Section):
 class PostprocessConfig(_Section):
     """How probability maps become masks; areas are pixels at `resolution`².
 
+    Evaluation-only (a study scores these on a training's stored maps), except `threshold`:
+    per-epoch validation uses it, and that chooses the best checkpoint.
+
     `threshold` rule: probability > BT (`threshold`), then components smaller than RT
     (`min_area`) removed. `triplet` rule: empty unless at least `min_top_area` pixels exceed
     `top_threshold`, then probability > `bottom_threshold`. With `search`, the rule's
@@ -117,7 +126,7 @@ class PostprocessConfig(_Section):
 
     rule: Literal["threshold", "triplet"] = Field(
         "threshold", description="threshold = the study's BT + RT; triplet = the winners' rule")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, json_schema_extra=TRAINING)
     min_area: int = Field(0, ge=0)
     top_threshold: float = Field(0.75, gt=0.0, lt=1.0)
     min_top_area: int = Field(512, ge=0)
@@ -125,6 +134,8 @@ class PostprocessConfig(_Section):
     resolution: int = Field(512, ge=1)
     search: bool = True
     objective: Literal["pooled_iou", "mean_dice"] = "pooled_iou"
+
+    model_config = ConfigDict(json_schema_extra=EVALUATION)
 
 
 class TrackingConfig(_Section):
@@ -154,6 +165,32 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _stage_of(marked: Any) -> str | None:
+    extra = getattr(marked, "json_schema_extra", None)
+    if extra is None and isinstance(marked, type) and issubclass(marked, BaseModel):
+        extra = marked.model_config.get("json_schema_extra")
+    return extra.get(STAGE) if isinstance(extra, dict) else None
+
+
+def evaluation_only(key: str) -> bool:
+    """Whether a dotted config key only affects evaluation after training (post-processing,
+    the image-level gate), never the trained weights: the schema's `stage` markers decide, the
+    innermost one (field, else its section) winning; unmarked keys count as training keys."""
+    section: type[BaseModel] = Config
+    stage = _stage_of(section)
+    for part in key.split("."):
+        field = section.model_fields.get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        stage = _stage_of(field) or (_stage_of(annotation) if is_section else None) or stage
+        if not is_section:
+            break
+        section = annotation
+    return stage == "evaluation"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -23,6 +23,7 @@ to the study's MLflow parent run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import defaultdict
@@ -36,6 +37,7 @@ from optuna.trial import TrialState
 from scipy import stats
 
 from ptxlab import tracking
+from ptxlab.noise import MAX_REPEATS, Noise, bounded_interval
 from ptxlab.sweep import (
     Dimension,
     Hypothesis,
@@ -73,6 +75,7 @@ class Estimate:
     high: float
     n: int
     paired: bool = False
+    bounded: bool = False  # a [0, 1] metric's level: shown as [low, high], within [0, 1]
 
     @property
     def defined(self) -> bool:
@@ -84,26 +87,44 @@ class Estimate:
         value = f"{self.mean:+.4f}" if signed else f"{self.mean:.4f}"
         if not self.defined:
             return f"{value} (n={self.n})"
+        if self.bounded:
+            return f"{value} [{self.low:.4f}, {self.high:.4f}]"
         return f"{value} ± {(self.high - self.low) / 2:.4f}"
 
     def interval(self) -> str:
         return f"[{self.low:+.4f}, {self.high:+.4f}]" if self.defined else "[n/a]"
 
 
-def estimate(values: list[float], paired: bool = False) -> Estimate:
-    """Mean ± t-interval of independent values (one per repeat)."""
+def estimate(values: list[float], paired: bool = False, bounded: bool = False) -> Estimate:
+    """Mean ± t-interval of independent values (one per repeat); `bounded`: values of a [0, 1]
+    metric, whose interval is kept inside [0, 1] (`noise.bounded_interval`)."""
     n = len(values)
     if n == 0:
-        return Estimate(math.nan, math.nan, math.nan, 0, paired)
+        return Estimate(math.nan, math.nan, math.nan, 0, paired, bounded)
     mean = float(np.mean(values))
     if n < 2:
-        return Estimate(mean, math.nan, math.nan, n, paired)
+        return Estimate(mean, math.nan, math.nan, n, paired, bounded)
+    if bounded:
+        return Estimate(mean, *bounded_interval(values), n, paired, bounded)
     half = float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
     return Estimate(mean, mean - half, mean + half, n, paired)
 
 
+def bounded_estimate(values: list[float]) -> Estimate:
+    """A group's estimate of a report metric (all of them lie in [0, 1])."""
+    return estimate(values, bounded=True)
+
+
 def difference(a: dict[int, float], b: dict[int, float]) -> Estimate:
-    """A - B from per-repeat values: paired over shared repeats, else Welch's interval."""
+    """A - B from per-repeat values: paired over shared repeats, else Welch's interval; both
+    clipped to [-1, 1], where differences of [0, 1] metrics lie."""
+    diff = _difference(a, b)
+    if not diff.defined:
+        return diff
+    return dataclasses.replace(diff, low=max(diff.low, -1.0), high=min(diff.high, 1.0))
+
+
+def _difference(a: dict[int, float], b: dict[int, float]) -> Estimate:
     if set(a) == set(b) and len(a) >= 2:
         return estimate([a[r] - b[r] for r in sorted(a)], paired=True)
     va, vb = np.array(list(a.values())), np.array(list(b.values()))
@@ -179,12 +200,12 @@ class FactorRow:
 def factor_rows(found: list[Level]) -> list[FactorRow]:
     rows = []
     reference = found[0].results if found else []
-    for level in found:
-        estimates = {m: estimate(list(per_repeat(level.results, m).values()))
+    for group in found:
+        estimates = {m: bounded_estimate(list(per_repeat(group.results, m).values()))
                      for m in REPORT_METRICS}
-        effects = {m: difference(per_repeat(level.results, m), per_repeat(reference, m))
+        effects = {m: difference(per_repeat(group.results, m), per_repeat(reference, m))
                    for m in REPORT_METRICS}
-        rows.append(FactorRow(level, estimates, effects))
+        rows.append(FactorRow(group, estimates, effects))
     return rows
 
 
@@ -220,6 +241,9 @@ class Verdict:
     a_label: str
     b_label: str
     summary: str = ""
+    detectable: float = math.nan  # inconclusive: see `power`
+    repeats_needed: int | None = None
+    power: str = ""
 
 
 def decide(diff: Estimate, expect: str, margin: float) -> str:
@@ -261,7 +285,34 @@ def evaluate(hypothesis: Hypothesis, results: list[Result]) -> Verdict:
     verdict.summary = (f"Δ {REPORT_METRICS.get(hypothesis.metric, hypothesis.metric)} = "
                        f"{diff.text(signed=True)}, 95 % CI {diff.interval()}, {how} "
                        f"{diff.n} repeats; expected {expected}")
+    if verdict.verdict == "inconclusive":
+        power(verdict)
     return verdict
+
+
+def power(verdict: Verdict) -> None:
+    """For an inconclusive verdict: the smallest distance beyond the decision boundary the
+    study could detect with 80 % power, and the repeats it would need for the target distance:
+    the hypothesis' `min_effect`, else its margin, else the observed |A - B|."""
+    h = verdict.hypothesis
+    noise = Noise.of(verdict.a, verdict.b)
+    if noise is None:
+        verdict.power = ("no noise estimate (a side has fewer than 2 repeats): nothing can be "
+                         "detected; run at least 2 repeats")
+        return
+    target, named = ((h.min_effect, "the stated minimum effect") if h.min_effect
+                     else (h.margin, "the margin") if h.margin
+                     else (abs(verdict.difference.mean), "the observed |Δ|"))
+    verdict.detectable = noise.detectable(h.expect)
+    verdict.repeats_needed = noise.repeats_needed(h.expect, target)
+    boundary = "0 (both margins, true Δ = 0)" if h.expect == "equal" else f"{h.margin:g}"
+    needed = (f"{verdict.repeats_needed} repeats" if verdict.repeats_needed
+              else f"more than {MAX_REPEATS} repeats" if target > 0 else "n/a (target 0)")
+    side = "paired" if noise.paired else "per side, unpaired"
+    verdict.power = (
+        f"with {noise.n} repeats and the observed noise (SD {noise.sd:.4f} per repeat, {side}), "
+        f"a true Δ at least {verdict.detectable:.4f} beyond {boundary} is detected with 80 % "
+        f"power (minimum detectable effect); for {named}, {target:.4f}, it would take {needed}")
 
 
 def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
@@ -280,10 +331,10 @@ def _factor_figure(name: str, rows: list[FactorRow]):
     axes = figure.subplots(1, len(REPORT_METRICS))
     x = np.arange(len(rows))
     for axis, (metric, title) in zip(axes, REPORT_METRICS.items(), strict=True):
-        means = [row.estimates[metric].mean for row in rows]
-        errors = [(row.estimates[metric].high - row.estimates[metric].low) / 2
-                  if row.estimates[metric].defined else 0.0 for row in rows]
-        axis.errorbar(x, means, yerr=errors, fmt="o", capsize=4)
+        found = [row.estimates[metric] for row in rows]
+        errors = np.array([(e.mean - e.low, e.high - e.mean) if e.defined else (0.0, 0.0)
+                           for e in found]).T
+        axis.errorbar(x, [e.mean for e in found], yerr=errors, fmt="o", capsize=4)
         axis.set_xticks(x, [row.level.label for row in rows], rotation=20, ha="right")
         axis.set_title(title)
         axis.grid(alpha=0.3)
@@ -373,10 +424,11 @@ def render(handle: StudyHandle, results: list[Result],
 
     lines += ["## Best configuration", ""]
     lines += _best_lines(spec, results, maximize)
+    lines += _edge_lines(spec, results, maximize)
 
     lines += ["## Factors", "",
-              "Per level: mean ± 95 % CI half-width over repeats, and the difference to the "
-              "first level (paired by repeat where possible).", ""]
+              "Per level: mean [95 % CI] over repeats, and the difference to the first level "
+              "± its 95 % CI half-width (paired by repeat where possible).", ""]
     for name, dim in spec.space.items():
         rows = factor_rows(levels(name, dim, results))
         lines += [f"### {name}", ""]
@@ -431,10 +483,14 @@ def _header(handle: StudyHandle, spec: StudySpec) -> list[str]:
         lines += [spec.description, ""]
     lines += ["| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows] + [""]
     lines += ["Only complete trials count. A group's value per repeat is its mean over the "
-              "group's trials of that repeat; estimates are the mean over repeats ± the 95 % "
-              "t-interval half-width; differences pair repeats (same seed) when both sides have "
-              "the same ones. Pruned trials are left out, which favours configurations that "
-              "survive pruning.", ""]
+              "group's trials of that repeat; estimates are the mean over repeats [its 95 % "
+              "t-interval, within [0, 1] where the metrics lie]; "
+              "differences are ± the 95 % t-interval half-width (clipped to [-1, 1]) and pair "
+              "repeats (same seed) when both sides have the same ones. Inconclusive hypotheses "
+              "say what the noise allows: the minimum detectable effect at 80 % power and the "
+              "repeats needed, by the t approximation for the same test (see `ptxlab.noise`). "
+              "Pruned trials are left out, which favours configurations that survive pruning.",
+              ""]
     return lines
 
 
@@ -450,7 +506,8 @@ def _verdict_lines(verdict: Verdict) -> list[str]:
         f"- A = {verdict.a_label}: per repeat {values(verdict.a)}",
         f"- B = {verdict.b_label}: per repeat {values(verdict.b)}",
         f"- scope: {_describe(h.where)}; metric {REPORT_METRICS.get(h.metric, h.metric)}"
-        f" ({h.aggregate} of the matching configurations)", "",
+        f" ({h.aggregate} of the matching configurations)",
+        *([f"- what the noise allows: {verdict.power}"] if verdict.power else []), "",
     ]
 
 
@@ -466,7 +523,7 @@ def _best_lines(spec: StudySpec, results: list[Result], maximize: bool) -> list[
              "| configuration | repeats | " + " | ".join(REPORT_METRICS.values()) + " |",
              "| --- | --- |" + " --- |" * len(REPORT_METRICS)]
     for key, group in ranked[:TOP_CONFIGURATIONS]:
-        cells = [estimate(list(per_repeat(group, m).values())).text() for m in REPORT_METRICS]
+        cells = [bounded_estimate(list(per_repeat(group, m).values())).text() for m in REPORT_METRICS]
         lines.append(f"| {_describe(dict(key))} | {len({r.repeat for r in group})} | "
                      + " | ".join(cells) + " |")
     lines.append("")
@@ -474,12 +531,52 @@ def _best_lines(spec: StudySpec, results: list[Result], maximize: bool) -> list[
         found = best_configuration(results, m)
         if found:
             key, group = found
-            value = estimate(list(per_repeat(group, m).values()))
+            value = bounded_estimate(list(per_repeat(group, m).values()))
             lines.append(f"- best by {title}: {_describe(dict(key))} ({value.text()})")
     best_trial = (max if maximize else min)(results, key=lambda r: r.value)
     lines += [f"- best single trial: {best_trial.number} ({_describe(best_trial.params)}, repeat "
               f"{best_trial.repeat}): {best_trial.value:.4f}", ""]
     return lines
+
+
+def edge_optima(spec: StudySpec, results: list[Result], maximize: bool) -> list[str]:
+    """Numeric factors of the best configuration (by the objective's mean over repeats) that
+    sit at the end of the range the study searched: one line each, saying which way to widen.
+    Factors with fewer than 3 values are comparisons, not searches, and are left out."""
+    found = best_configuration(results, spec.objective.metric, maximize)
+    if found is None:
+        return []
+    flags = []
+    for name, value in found[0]:
+        dim = spec.space[name]
+        if dim.type in ("float", "log_float") and dim.step is None:
+            values = [dim.low, dim.high]  # continuous: flag the outer tenth of the range
+            width = (dim.high - dim.low) / 10
+        else:
+            values = dim.grid()
+            width = 0.0
+        if not _numeric(value) or not all(_numeric(v) for v in values) or len(values) < 3 and width == 0:
+            continue
+        low, high = min(values), max(values)
+        if value >= high - width:
+            flags.append(f"`{name}` = {value:g} is at the top of the searched range "
+                         f"[{low:g}, {high:g}]: widen it upward (values above {high:g})")
+        elif value <= low + width:
+            flags.append(f"`{name}` = {value:g} is at the bottom of the searched range "
+                         f"[{low:g}, {high:g}]: widen it downward (values below {low:g})")
+    return flags
+
+
+def _numeric(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _edge_lines(spec: StudySpec, results: list[Result], maximize: bool) -> list[str]:
+    flags = edge_optima(spec, results, maximize)
+    if not flags:
+        return []
+    return (["**The optimum sits on the edge of the searched grid**, so the true optimum may lie "
+             "outside it:", ""] + [f"- {flag}" for flag in flags] + [""])
 
 
 def _factor_table(rows: list[FactorRow]) -> list[str]:

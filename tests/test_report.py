@@ -155,3 +155,116 @@ def test_differences_pair_repeats_else_use_welch():
     assert not unpaired.paired and (unpaired.low, unpaired.high) == pytest.approx(tuple(reference))
     single = estimate([0.4])
     assert single.mean == 0.4 and not single.defined and single.text() == "0.4000 (n=1)"
+
+
+# --- what the noise allows: bounded intervals, power, edges of the grid ----------------------
+
+NOISY_LRS = (1.0e-4, 1.0e-3, 3.0e-3)  # the largest is the best: an optimum on the grid's edge
+NOISY_HYPOTHESES = [
+    {"name": "light beats none by a hair", "compare": {"augment.preset": "light"},
+     "against": {"augment.preset": "none"}, "expect": "greater"},
+    {"name": "light beats none by 0.02", "compare": {"augment.preset": "light"},
+     "against": {"augment.preset": "none"}, "expect": "greater", "min_effect": 0.02},
+    {"name": "3e-3 beats 1e-4", "compare": {"optim.lr": 0.003},
+     "against": {"optim.lr": 1.0e-4}, "expect": "greater"},
+]
+
+
+@pytest.fixture
+def noisy_study(isolated_store):
+    """Known effects: +0.05 pooled IoU per LR step up (best at the largest LR), +0.01 for light
+    augmentation under per-trial noise of SD 0.03; an AUC near 1 with a wide spread."""
+    tree = yaml.safe_load((ROOT / "experiments/studies/smoke.yaml").read_text())
+    tree.update(base=str(ROOT / "experiments/default.yaml"), name="noisy",
+                hypotheses=NOISY_HYPOTHESES,
+                space={"optim.lr": {"type": "categorical", "choices": list(NOISY_LRS)},
+                       "augment.preset": {"type": "categorical", "choices": list(PRESETS)}})
+    path = isolated_store / "noisy.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    handle = open_study(load_study_file(path), resolve_storage(None, "noisy"))
+    rng = np.random.default_rng(4)
+    while handle.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial = handle.study.ask()
+        lr = trial.suggest_categorical("optim.lr", list(NOISY_LRS))
+        preset = trial.suggest_categorical("augment.preset", list(PRESETS))
+        pooled = (0.5 + 0.05 * NOISY_LRS.index(lr) + 0.01 * (preset == "light")
+                  + rng.normal(0, 0.03))
+        metrics = {"pooled_iou": pooled, "mean_dice": 0.6 + rng.normal(0, 0.01),
+                   "auc": float(np.clip(0.97 + rng.normal(0, 0.04), 0, 1))}
+        trial.set_user_attr("metrics", metrics)
+        handle.study.tell(trial, pooled)
+    return path, handle
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_inconclusive_verdicts_say_what_the_noise_allows(noisy_study):
+    from ptxlab.report import collect, evaluate
+
+    path, handle = noisy_study
+    result = write_report(str(path))
+    verdicts = {v.hypothesis.name: v for v in result.verdicts}
+    assert verdicts["3e-3 beats 1e-4"].verdict == "supported"
+    assert verdicts["3e-3 beats 1e-4"].power == ""  # conclusive: nothing to add
+    hair = verdicts["light beats none by a hair"]
+    assert hair.verdict == "inconclusive"
+    # Recomputed here: paired over the 3 repeats, the t approximation at 80 % power.
+    diffs = np.array([hair.a[r] - hair.b[r] for r in range(3)])
+    sd = diffs.std(ddof=1)
+    assert hair.detectable == pytest.approx((stats.t.ppf(0.975, 2) + stats.t.ppf(0.8, 2))
+                                            * sd / np.sqrt(3))
+    target = abs(diffs.mean())  # no margin, no min_effect: the observed difference
+    needed = hair.repeats_needed
+    assert needed > 3
+    mde = [(stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / np.sqrt(n)
+           for n in (needed - 1, needed)]
+    assert mde[1] <= target < mde[0]
+    stated = verdicts["light beats none by 0.02"]
+    assert stated.verdict == "inconclusive"
+    n = stated.repeats_needed
+    mde = [(stats.t.ppf(0.975, k - 1) + stats.t.ppf(0.8, k - 1)) * sd / np.sqrt(k)
+           for k in (n - 1, n)]
+    assert mde[1] <= 0.02 < mde[0]
+    # Simulated: at that many repeats, the test the report makes detects +0.02 about 80 % of
+    # the time when the per-repeat differences have this SD.
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0.02, sd, size=(4000, n))
+    lows = draws.mean(1) - stats.t.ppf(0.975, n - 1) * draws.std(1, ddof=1) / np.sqrt(n)
+    assert 0.72 < np.mean(lows > 0) < 0.88
+    text = result.markdown.read_text()
+    assert text.count("- what the noise allows:") == 2 and "it would take" in text
+    # The same verdicts from the library function, without the report.
+    again = evaluate(handle.spec.hypotheses[0], collect(handle.study))
+    assert again.repeats_needed == needed
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_bounded_metrics_keep_their_intervals_inside_0_1(noisy_study):
+    from ptxlab.report import collect, factor_rows, levels
+
+    path, handle = noisy_study
+    results = collect(handle.study)
+    rows = factor_rows(levels("augment.preset", handle.spec.space["augment.preset"], results))
+    aucs = [row.estimates["auc"] for row in rows]
+    assert all(0 <= e.low <= e.mean <= e.high <= 1 for e in aucs)
+    # Per-repeat AUCs near 1: a plain t-interval crosses 1, the reported one does not.
+    near_one = [0.99, 0.93, 1.0]
+    assert estimate(near_one).high > 1
+    bounded = estimate(near_one, bounded=True)
+    assert (bounded.low, bounded.high) == (estimate(near_one).low, 1.0)
+    assert estimate([0.2, 0.5, 0.6], bounded=True).text().count("[") == 1
+    assert difference({0: 0.9, 1: 0.1}, {0: 0.0, 1: 0.9}).low >= -1
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_an_optimum_on_the_edge_of_the_grid_is_flagged(noisy_study):
+    from ptxlab.report import collect, edge_optima
+
+    path, handle = noisy_study
+    flags = edge_optima(handle.spec, collect(handle.study), maximize=True)
+    assert flags == ["`optim.lr` = 0.003 is at the top of the searched range [0.0001, 0.003]: "
+                     "widen it upward (values above 0.003)"]
+    text = write_report(str(path)).markdown.read_text()
+    assert "on the edge of the searched grid" in text and "widen it upward" in text
+    inner = handle.spec.model_copy(update={"objective": handle.spec.objective.model_copy(
+        update={"direction": "minimize"})})
+    assert "bottom" in edge_optima(inner, collect(handle.study), maximize=False)[0]

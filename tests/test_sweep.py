@@ -1,6 +1,7 @@
 """Optuna studies: study files, workers on PostgreSQL and on the local journal, kill and resume,
 pruning, post-processing studies on stored maps, MLflow parent and child runs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -131,11 +132,53 @@ def test_shipped_study_files_are_valid():
     sizes = {path.stem: load_study_file(path) for path in sorted(STUDIES.glob("*.yaml"))}
     grid = {name: len(s.spec.configurations()) * s.spec.repeats for name, s in sizes.items()}
     assert grid == {"augmentation": 30, "batch-size": 24, "gap": 48, "smoke": 12,
-                    "thresholds": 231}
+                    "thresholds": 498}
     augmentation = sizes["augmentation"].spec.configurations()
     assert {"augment.preset": "none"} in augmentation  # strength only where a preset augments
     assert len({tuple(sorted(c.items())) for c in augmentation}) == len(augmentation) == 10
     assert sizes["batch-size"].base_config["optim"]["lr_scaling"] == "linear"
+
+
+def test_the_plan_of_the_gap_study_counts_its_trainings(isolated_store):
+    """48 trials, 24 trainings: post-processing levels are scored on one training's maps.
+    Nothing is written: no MLflow store, no journal, no cache."""
+    from typer.testing import CliRunner
+
+    from ptxlab.cli import app
+
+    result = CliRunner().invoke(app, ["sweep", str(STUDIES / "gap.yaml"), "--plan", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert (plan["trials"], plan["trainings"], plan["max_epochs"]) == (48, 24, 100)
+    assert plan["evaluation_only_factors"] == ["postprocess.objective"]
+    assert plan["arms_per_training"] == [2] and plan["total_epochs"] == 2400
+    assert sorted(os.listdir(isolated_store)) == []
+
+    result = CliRunner().invoke(app, ["sweep", str(STUDIES / "gap.yaml"), "--plan",
+                                      "--step-ms", "360", "--train-images", "10240"])
+    assert result.exit_code == 0, result.output
+    # 8 configurations x 3 repeats x 100 epochs x 320 (batch 32) or 1280 (batch 8) batches;
+    # a batch of 8 takes a quarter of the 360 ms of a batch of 32: every epoch takes 115.2 s.
+    hours = 3 * 100 * (4 * 320 * 0.360 + 4 * 1280 * 0.090) / 3600
+    assert f"1 worker(s): {hours:.2f} h wall clock" in result.output
+    assert f"4 worker(s): {hours / 4:.2f} h wall clock" in result.output
+    assert sorted(os.listdir(isolated_store)) == []
+
+
+def test_training_and_evaluation_keys_come_from_the_config_schema():
+    from ptxlab.config import evaluation_only
+
+    assert all(evaluation_only(k) for k in ("postprocess.objective", "postprocess.rule",
+                                            "postprocess.min_area", "model.gate"))
+    # per-epoch validation thresholds at postprocess.threshold to choose the best checkpoint
+    assert not any(evaluation_only(k) for k in ("postprocess.threshold", "train.batch_size",
+                                                "model.classification_head", "seed"))
+    spec = load_study_file(STUDIES / "gap.yaml").spec
+    assert spec.evaluation_dimensions() == ["postprocess.objective"]
+    keys = {spec.training_key(p) for p in spec.configurations()}
+    assert len(keys) == 8  # classification (a bundle with a training key) is a training factor
+    unshared = spec.model_copy(update={"share_trainings": False})
+    assert len({unshared.training_key(p) for p in spec.configurations()}) == 16
 
 
 @pytest.mark.parametrize(("change", "message"), [

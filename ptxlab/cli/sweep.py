@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -23,8 +24,21 @@ def sweep(
     name: Annotated[str | None, typer.Option(
         help="Study name instead of the file's `name` (a fresh study from the same file).",
         show_default=False)] = None,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="Print what the study will cost (trials, trainings, epochs, GPU-hours) "
+                       "and stop; writes nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --plan: one JSON object.")] = False,
+    step_ms: Annotated[float | None, typer.Option(
+        min=0.001, help="With --plan: milliseconds per training batch at the base config's "
+                        "batch size, for the GPU-hours estimate.", show_default=False)] = None,
+    train_images: Annotated[int | None, typer.Option(
+        min=1, help="With --plan: training-set size when the data source is not on this host.",
+        show_default=False)] = None,
 ) -> None:
     """Run (create, join or resume) an Optuna study; each trial is a child MLflow run."""
+    if plan:
+        _print_plan(study, name, as_json, step_ms, train_images)
+        return
     with fail_cleanly():
         from ptxlab.sweep import run_sweep
 
@@ -45,3 +59,14 @@ def sweep(
     if result.worker_failures and result.unfinished:
         print("run the command again to finish the study")
         raise typer.Exit(3)
+
+
+def _print_plan(study: Path, name: str | None, as_json: bool, step_ms: float | None,
+                train_images: int | None) -> None:
+    with fail_cleanly():
+        from ptxlab.sweep import load_study_file
+        from ptxlab.sweep.plan import make_plan
+
+        cost = make_plan(load_study_file(study, name), step_ms, train_images)
+    print(json.dumps(cost.to_json()) if as_json else "\n".join(cost.lines()))
+

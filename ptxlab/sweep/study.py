@@ -86,6 +86,8 @@ def _fingerprint(definition: dict) -> str:
     study; `open_study` warns when the local one differs."""
     spec = {k: v for k, v in definition["spec"].items()
             if k not in ("description", "hypotheses", "heartbeat", "n_trials")}
+    if spec.get("share_trainings", True):  # the default, and studies made before it existed
+        spec.pop("share_trainings", None)
     payload = json.dumps(spec, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -59,7 +59,7 @@ from pydantic import (
     model_validator,
 )
 
-from ptxlab.config import Config, ConfigError, load_config, read_yaml_mapping
+from ptxlab.config import Config, ConfigError, evaluation_only, load_config, read_yaml_mapping
 from ptxlab.metrics import METRIC_KEYS
 from ptxlab.postprocess import PostProcessing
 
@@ -178,6 +178,12 @@ class Dimension(_Strict):
     def active(self, params: dict[str, Label]) -> bool:
         return matches(params, self.when)
 
+    def keys(self, name: str) -> set[str]:
+        """Every config key (or post-processing field) this dimension can set."""
+        if self.is_bundle:
+            return {key for choice in self.choices.values() for key in choice}
+        return {name}
+
 
 class SamplerSpec(_Strict):
     type: Literal["grid", "tpe", "random"] = "grid"
@@ -245,6 +251,9 @@ class Hypothesis(_Strict):
     aggregate: Literal["mean", "best"] = "mean"
     expect: Literal["greater", "less", "equal"] = "greater"
     margin: float = Field(0.0, ge=0.0)
+    min_effect: float | None = Field(
+        None, gt=0.0, description="smallest effect worth detecting, for the repeats an "
+                                  "inconclusive verdict would need (default: the margin)")
 
     _known = field_validator("metric")(_metric_key)
 
@@ -270,6 +279,9 @@ class StudySpec(_Strict):
     n_trials: int | None = Field(None, ge=1, description="default: the grid's size")
     source: SourceSpec | None = None
     heartbeat: HeartbeatSpec = HeartbeatSpec()
+    share_trainings: bool = Field(
+        True, description="mode train: evaluation-only factors score one training's stored "
+                          "maps per (training configuration, repeat); false trains every trial")
     hypotheses: list[Hypothesis] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -322,6 +334,22 @@ class StudySpec(_Strict):
             points = [expanded for point in points for expanded in (
                 [{**point, name: value} for value in dim.grid()] if dim.active(point) else [point])]
         return points
+
+    def evaluation_dimensions(self) -> list[str]:
+        """Dimensions whose every key only affects evaluation (`config.evaluation_only`): their
+        levels are scored on the stored maps of one training. None unless trainings are shared
+        in a mode train study."""
+        if self.mode != "train" or not self.share_trainings:
+            return []
+        return [name for name, dim in self.space.items()
+                if all(evaluation_only(key) for key in dim.keys(name))]
+
+    def training_key(self, params: dict[str, Label]) -> str:
+        """What identifies a configuration's training: its values of the training dimensions
+        (every dimension when trainings are not shared)."""
+        evaluation = set(self.evaluation_dimensions())
+        return json.dumps({k: v for k, v in params.items() if k not in evaluation},
+                          sort_keys=True)
 
     def overrides_for(self, params: dict[str, Label]) -> dict[str, Any]:
         """Fixed overrides, then those of each parameter, in the order of the space."""
