@@ -28,6 +28,7 @@ from ptxlab.postprocess import (
     choose,
     save_probability_maps,
 )
+from ptxlab.progress import EpochReporter, display
 from ptxlab.train import (
     NonFiniteLossError,
     TrainingCallbacks,
@@ -130,6 +131,8 @@ def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: st
                       extra_callbacks: TrainingCallbacks | None, progress: bool,
                       handoff: distributed.Handoff) -> RunSummary:
     """Rank 0 (or the only process): data, MLflow run, training, post-processing, test set."""
+    shown = display() if progress else "none"
+    progress = shown == "bar"  # bars for data preparation and prediction, too
     data = prepare_data(config, progress=progress)
     with tracking.open_run(
         config.tracking.experiment, config.tracking.run_name, run_id=resume_run_id,
@@ -146,7 +149,7 @@ def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: st
             _log_inputs(config, config_text, data)
         handoff.send((run_id, resume_from))
         callbacks = _Callbacks(tracking.MlflowCallbacks(run_id, resumed=bool(resume_run_id)),
-                               extra_callbacks)
+                               EpochReporter(shown), extra_callbacks)
         if resume_from is not None:
             callbacks.tracker.replay(load_checkpoint(resume_from)["state"]["history"])
         try:
@@ -182,15 +185,22 @@ def _train_as_other_rank(config: Config, ranks: distributed.Ranks) -> RunSummary
 
 
 class _Callbacks(TrainingCallbacks):
-    """MLflow logging first, then an optional extra listener (e.g. an Optuna pruner)."""
+    """MLflow logging first, then progress on stderr, then an optional extra listener (e.g. an
+    Optuna pruner)."""
 
-    def __init__(self, tracker: tracking.MlflowCallbacks, extra: TrainingCallbacks | None):
+    def __init__(self, tracker: tracking.MlflowCallbacks, reporter: EpochReporter,
+                 extra: TrainingCallbacks | None):
         self.tracker = tracker
-        self.listeners = [tracker] + ([extra] if extra else [])
+        self.listeners = [tracker, reporter] + ([extra] if extra else [])
 
     def on_train_start(self, info: dict) -> None:
         for listener in self.listeners:
             listener.on_train_start(info)
+
+    def on_batch_end(self, epoch: int, batch: int, batches: int, loss: float,
+                     images_per_s: float) -> None:
+        for listener in self.listeners:
+            listener.on_batch_end(epoch, batch, batches, loss, images_per_s)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         for listener in self.listeners:

@@ -12,13 +12,13 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ptxlab import distributed
 from ptxlab.config import Config
@@ -44,6 +44,10 @@ class TrainingCallbacks:
 
     def on_train_start(self, info: dict) -> None:
         """Static facts about the run: device, weights, sizes, steps."""
+
+    def on_batch_end(self, epoch: int, batch: int, batches: int, loss: float,
+                     images_per_s: float) -> None:
+        """After training batch `batch` (0-based) of `batches`; loss and rate so far this epoch."""
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         """After validation of `epoch` (0-based). May raise StopTraining."""
@@ -202,7 +206,7 @@ def train(
         train_terms, images_per_s, state.global_step = _train_epoch(
             forward, normalize, criterion, optimizer, scaler, train_loader, device, autocast,
             config, state.global_step, total_steps, lr, batches_per_epoch,
-            desc=f"epoch {epoch + 1}/{epochs}", ranks=ranks,
+            on_batch=partial(callbacks.on_batch_end, epoch), ranks=ranks,
         )
         metrics = {**train_terms, "images_per_s": images_per_s,
                    "lr": optimizer.param_groups[0]["lr"]}
@@ -274,7 +278,7 @@ def _checkpoint_and_report(model, optimizer, scaler, state: TrainState, config: 
 
 def _train_epoch(model, normalize, criterion, optimizer, scaler, loader, device, autocast,
                  config: Config, global_step: int, total_steps: int, lr: float,
-                 batches_per_epoch: int, desc: str, ranks: distributed.Ranks
+                 batches_per_epoch: int, on_batch, ranks: distributed.Ranks
                  ) -> tuple[dict[str, float], float, int]:
     """One pass over the training loader; returns (mean loss and its terms, images/s, step).
 
@@ -285,8 +289,6 @@ def _train_epoch(model, normalize, criterion, optimizer, scaler, loader, device,
     accumulate = config.train.accumulate
     sums: dict[str, float] = {}
     n_images, started = 0, time.perf_counter()
-    progress = tqdm(total=batches_per_epoch, desc=desc, unit="batch", leave=False,
-                    disable=os.environ.get("PTXLAB_PROGRESS", "1") != "1" or not ranks.is_main)
     optimizer.zero_grad(set_to_none=True)
     for batch_index, (images, masks, _) in enumerate(loader):
         if batch_index >= batches_per_epoch or global_step >= total_steps:
@@ -313,11 +315,8 @@ def _train_epoch(model, normalize, criterion, optimizer, scaler, loader, device,
         n_images += images.shape[0]
         for name, value in {"loss": loss, **terms}.items():
             sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + value.item() * len(images)
-        elapsed = time.perf_counter() - started
-        progress.set_postfix(loss=f"{sums['train_loss'] / n_images:.4f}",
-                             img_s=f"{n_images / elapsed:.1f}")
-        progress.update()
-    progress.close()
+        on_batch(batch_index, batches_per_epoch, sums["train_loss"] / n_images,
+                 n_images / (time.perf_counter() - started))
     elapsed = time.perf_counter() - started
     names = sorted(sums)
     *totals, n_images = distributed.sum_across([sums[n] for n in names] + [n_images], ranks)

@@ -15,6 +15,7 @@ from rich.console import Console
 from ptxlab import artifacts
 from ptxlab.cli.errors import fail_cleanly
 from ptxlab.config import Config, load_config, render
+from ptxlab.progress import choose
 
 console = Console(stderr=True)
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
@@ -38,10 +39,15 @@ def run(
     nproc: Annotated[int, typer.Option(
         min=1, help="Data-parallel processes on this machine (torchrun; NCCL on GPUs, gloo on "
                     "CPU). train.batch_size stays the global batch.")] = 1,
+    progress: Annotated[str | None, typer.Option(
+        help="auto (bars on a terminal, else one line per epoch), bar, lines or none. "
+             "Default: $PTXLAB_PROGRESS, else auto.", show_default=False)] = None,
 ) -> None:
     """Train one configuration and log everything to MLflow."""
     launching = nproc > 1 and "RANK" not in os.environ  # else a single process or a rank
     with fail_cleanly():
+        if progress is not None:
+            choose(progress)
         if resume:
             from ptxlab import tracking
 
