@@ -19,6 +19,8 @@ studies read them back by the same names:
 
 from __future__ import annotations
 
+import re
+
 RESOLVED_CONFIG = "config/config.yaml"
 SOURCE_CONFIG = "config/source.yaml"
 AUGMENTATION = "config/augmentation.json"
@@ -42,6 +44,15 @@ def folder(artifact: str) -> str:
 def file_name(artifact: str) -> str:
     """The artifact's own file name, e.g. for a local copy before it is logged."""
     return artifact.rpartition("/")[2]
+
+
+def safe_name(text: str) -> str:
+    """`text` reduced to what MLflow metric names and artifact folders take safely: letters,
+    digits, `_`, `-` and `.`, other runs replaced by `_`, no `_` or `.` at either end."""
+    cleaned = re.sub(r"[^0-9A-Za-z_.-]+", "_", text).strip("_.")
+    if not cleaned:
+        raise ValueError(f"name {text!r} has no letters or digits; give --name")
+    return cleaned
 
 
 def evaluation_folder(name: str) -> str:

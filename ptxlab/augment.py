@@ -42,7 +42,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-PRESETS = ("none", "light", "paper", "paper-intended")
+from ptxlab.vocabulary import PRESETS
 
 
 @dataclass(frozen=True)

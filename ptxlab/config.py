@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ptxlab.vocabulary import Gate, LayoutChoice, Objective, Preset, Rule
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one line."""
@@ -34,9 +36,9 @@ class SyntheticConfig(_Section):
 
 class DataConfig(_Section):
     source: str = "synthetic"
-    layout: Literal["auto", "siim-png", "siim-dicom", "ptx498", "folder"] = "auto"
+    layout: LayoutChoice = "auto"
     test_source: str | None = None
-    test_layout: Literal["auto", "siim-png", "siim-dicom", "ptx498", "folder"] = "auto"
+    test_layout: LayoutChoice = "auto"
     image_size: int = Field(128, ge=32, le=2048)
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     split_seed: int | None = Field(
@@ -63,7 +65,7 @@ class ModelConfig(_Section):
     encoder_weights: str | None = "lite0-imagenet"
     decoder_channels: list[int] = Field([128, 64, 32, 16, 8], min_length=1, max_length=5)
     classification_head: bool = False
-    gate: Literal["none", "head", "area"] = Field(
+    gate: Gate = Field(
         "none", description="image-level decision that can empty a mask; searched on validation",
         json_schema_extra=EVALUATION)
     freeze_encoder_epochs: int = Field(0, ge=0)
@@ -79,7 +81,7 @@ class ModelConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    preset: Literal["none", "light", "paper", "paper-intended"] = "light"
+    preset: Preset = "light"
     strength: float = Field(1.0, ge=0.0, le=1.0)
 
 
@@ -124,7 +126,7 @@ class PostprocessConfig(_Section):
     per-epoch validation uses.
     """
 
-    rule: Literal["threshold", "triplet"] = Field(
+    rule: Rule = Field(
         "threshold", description="threshold = the study's BT + RT; triplet = the winners' rule")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, json_schema_extra=TRAINING)
     min_area: int = Field(0, ge=0)
@@ -133,7 +135,7 @@ class PostprocessConfig(_Section):
     bottom_threshold: float = Field(0.4, gt=0.0, lt=1.0)
     resolution: int = Field(512, ge=1)
     search: bool = True
-    objective: Literal["pooled_iou", "mean_dice"] = "pooled_iou"
+    objective: Objective = "pooled_iou"
 
     model_config = ConfigDict(json_schema_extra=EVALUATION)
 
@@ -217,41 +219,56 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict, refusing keys the schema does not know."""
+    """Apply `--set KEY=VALUE` texts to a nested dict (see `set_dotted`)."""
     for text in overrides:
         path, value = parse_override(text)
-        node = tree
-        section: type[BaseModel] = Config
-        for depth, part in enumerate(path):
-            dotted = ".".join(path[: depth + 1])
-            if part not in section.model_fields:
-                where = ".".join(path[:depth]) or "the top level"
-                raise ConfigError(
-                    f"unknown key {dotted!r}: {where} has {', '.join(section.model_fields)}"
-                )
-            if depth == len(path) - 1:
-                node[part] = value
-                break
-            annotation = section.model_fields[part].annotation
-            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-                raise ConfigError(f"key {dotted!r} is a value, not a section")
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-            section = annotation
+        set_dotted(tree, path, value)
     return tree
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def set_dotted(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set the key at `path` (["train", "batch_size"]) in a nested config dict, refusing keys
+    the schema does not know and values where a section belongs."""
+    node = tree
+    section: type[BaseModel] = Config
+    for depth, part in enumerate(path):
+        dotted = ".".join(path[: depth + 1])
+        if part not in section.model_fields:
+            where = ".".join(path[:depth]) or "the top level"
+            raise ConfigError(
+                f"unknown key {dotted!r}: {where} has {', '.join(section.model_fields)}"
+            )
+        if depth == len(path) - 1:
+            node[part] = value
+            return
+        annotation = section.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            raise ConfigError(f"key {dotted!r} is a value, not a section")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+        section = annotation
+
+
+def describe_error(error: ValidationError, source: str) -> str:
+    """pydantic's first problem as one line: '<source>: <key>: <problem>'."""
     first = error.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(root)"
-    message = first["msg"]
+    key = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     elif first["type"] == "literal_error":
         allowed = first.get("ctx", {}).get("expected", "")
         message = f"got {first.get('input')!r}, allowed: {allowed}"
-    return f"{source}: {key}: {message}"
+    return f"{source}: {key}: {message}" if key else f"{source}: {message}"
+
+
+def validate(tree: dict[str, Any], source: str) -> Config:
+    """The Config of a nested dict; a problem is one ConfigError line naming `source`."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(describe_error(err, source)) from None
 
 
 def read_yaml_mapping(path: Path, kind: str) -> dict[str, Any]:
@@ -271,14 +288,10 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
     """Read a YAML config (or the defaults), apply overrides, validate. Errors are one line."""
     source = str(path) if path else "defaults"
     tree = read_yaml_mapping(Path(path), "config") if path is not None else {}
-    tree = apply_overrides(tree, overrides or [])
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_describe(err, source)) from None
+    return validate(apply_overrides(tree, overrides or []), source)
 
 
-def render(config: Config, fmt: Literal["yaml", "json"] = "yaml") -> str:
+def config_as_text(config: Config, fmt: Literal["yaml", "json"] = "yaml") -> str:
     if fmt == "json":
         return json.dumps(config.model_dump(mode="json"), indent=2)
     return config.to_yaml()

@@ -12,7 +12,6 @@ DDP's average is the single-process gradient up to float rounding.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,8 @@ from timm.layers import convert_sync_batchnorm as convert_to_cuda_sync_batch_nor
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun
+
+from ptxlab import environment
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,7 @@ class Ranks:
 
 def current() -> Ranks:
     """This process's place, from torchrun's environment (a single process without it)."""
-    env = os.environ
-    return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                 int(env.get("LOCAL_RANK", 0)))
+    return Ranks(*environment.torchrun_place())
 
 
 def init(use_cuda: bool) -> Ranks:

@@ -22,7 +22,6 @@ import heapq
 import io
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
@@ -87,18 +86,10 @@ def _json_safe(metrics: dict[str, float]) -> dict[str, float | None]:
     return {key: None if math.isnan(value) else value for key, value in metrics.items()}
 
 
-def metric_name(text: str) -> str:
-    """`text` reduced to what MLflow metric names and artifact folders take safely."""
-    cleaned = re.sub(r"[^0-9A-Za-z_.-]+", "_", text).strip("_.")
-    if not cleaned:
-        raise ValueError(f"name {text!r} has no letters or digits; give --name")
-    return cleaned
-
-
 def default_name(data: Path, tta: str) -> str:
     """The data folder's name (with `_hflip` under flip TTA), made metric-safe."""
     folder = Path(os.path.abspath(data)).name  # "." and ".." named, symlinks not followed
-    return metric_name(folder if tta == "none" else f"{folder}_{tta}")
+    return artifacts.safe_name(folder if tta == "none" else f"{folder}_{tta}")
 
 
 class WorstCases:
@@ -151,14 +142,14 @@ def evaluate_run(run_id: str, data: Path, layout: str = "auto", tta: str = "none
                  progress: bool = True) -> Evaluation:
     """Score run `run_id` on the data set at `data` and log the results into the run."""
     check_tta(tta)
-    name = metric_name(name) if name else default_name(data, tta)
+    name = artifacts.safe_name(name) if name else default_name(data, tta)
     cases = load_cases(Path(data), layout)
     with_sites = any(case.site for case in cases)
     run = load_run(run_id)
     accumulator = MetricAccumulator()
     worst = WorstCases(gallery_size)
     for result in predict_native(run, cases, read_pair, batch_size, tta, progress):
-        site = metric_name(result.case.site) if result.case.site else UNASSIGNED_SITE
+        site = artifacts.safe_name(result.case.site) if result.case.site else UNASSIGNED_SITE
         accumulator.update(result.mask[None], result.truth[None], [result.score],
                            groups=[site if with_sites else ""], ids=[result.case.case_id])
         worst.offer(result)

@@ -6,13 +6,12 @@ nothing of MLflow; this module wires them to `tracking`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ptxlab import artifacts, distributed, plots, tracking
+from ptxlab import artifacts, distributed, environment, plots, tracking
 from ptxlab.augment import build_eval_transform, build_train_transform, serialize
 from ptxlab.config import Config
 from ptxlab.data.cases import Case
@@ -60,8 +59,8 @@ class PreparedData:
 
 def checkpoint_dir(run_id: str) -> Path:
     """Local working copies of a run's checkpoints (what `--resume` continues from)."""
-    root = os.environ.get("PTXLAB_CHECKPOINTS") or tracking.local_store() / "checkpoints"
-    return Path(root) / run_id
+    root = environment.checkpoints_dir() or tracking.local_store() / "checkpoints"
+    return root / run_id
 
 
 def prepare_data(config: Config, progress: bool = True) -> PreparedData:
@@ -155,7 +154,7 @@ def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: st
         try:
             result = train(config, data.train, data.val, workdir, callbacks, resume_from)
         except NonFiniteLossError as error:
-            tracking.end_failed(run_id, f"non-finite loss: {error}")
+            tracking.record_failure(run_id, f"non-finite loss: {error}")
             raise
         summary = RunSummary(run_id, config.tracking.experiment, run.info.experiment_id,
                              result.best_epoch, result.stopped_by)

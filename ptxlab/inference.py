@@ -14,8 +14,7 @@ from ptxlab.config import Config
 from ptxlab.data.dataset import SegmentationDataset
 from ptxlab.model import build_model, split_output
 from ptxlab.postprocess import quantise
-
-TTA_MODES = ("none", "hflip")
+from ptxlab.vocabulary import TTA_MODES
 
 
 @dataclass

@@ -45,10 +45,7 @@ import cv2
 import numpy as np
 
 from ptxlab.metrics import dice_from_counts, iou_from_counts
-
-KINDS = ("threshold", "triplet")
-GATES = ("none", "head", "area")
-OBJECTIVES = ("pooled_iou", "mean_dice")
+from ptxlab.vocabulary import GATES, OBJECTIVES, RULES
 
 # The study's grid: BT 0.05..0.5 in steps of 0.05; RT in pixels at 512 x 512 (0 = keep all),
 # doubling from 64 to 2048 and then 1024-pixel steps to 4096 (1.6% of the image).
@@ -79,8 +76,8 @@ class PostProcessing:
     gate_min_area: int = 0
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind not in RULES:
+            raise ValueError(f"kind must be one of {RULES}, got {self.kind!r}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if not 0.0 <= self.gate_threshold < 1.0 or self.gate_min_area < 0:
@@ -93,11 +90,7 @@ class PostProcessing:
 
     def to_dict(self) -> dict[str, object]:
         """The kind, its own parameters and the resolution (flat, for logging as params)."""
-        fields = ("threshold", "min_area")
-        if self.kind == "triplet":
-            fields = ("top_threshold", "min_top_area", "bottom_threshold")
-        fields += {"none": (), "head": ("gate", "gate_threshold"),
-                   "area": ("gate", "gate_min_area")}[self.gate]
+        fields = _RULE_PARAMETERS[self.kind] + _GATE_PARAMETERS[self.gate]
         values = asdict(self)
         return {"kind": self.kind, **{f: values[f] for f in fields}, "resolution": self.resolution}
 
@@ -162,11 +155,17 @@ def apply(probs: np.ndarray, pp: PostProcessing, head_prob: float | None = None)
 
 
 def _mask(probs: np.ndarray, pp: PostProcessing) -> np.ndarray:
-    if pp.kind == "triplet":
-        top_area = np.count_nonzero(foreground(probs, pp.top_threshold))
-        if top_area < scaled_area(pp.min_top_area, probs.shape, pp.resolution):
-            return np.zeros(probs.shape, dtype=np.uint8)
-        return foreground(probs, pp.bottom_threshold).astype(np.uint8)
+    return _RULE_MASKS[pp.kind](probs, pp)
+
+
+def _triplet_mask(probs: np.ndarray, pp: PostProcessing) -> np.ndarray:
+    top_area = np.count_nonzero(foreground(probs, pp.top_threshold))
+    if top_area < scaled_area(pp.min_top_area, probs.shape, pp.resolution):
+        return np.zeros(probs.shape, dtype=np.uint8)
+    return foreground(probs, pp.bottom_threshold).astype(np.uint8)
+
+
+def _threshold_mask(probs: np.ndarray, pp: PostProcessing) -> np.ndarray:
     mask = foreground(probs, pp.threshold)
     min_pixels = scaled_area(pp.min_area, probs.shape, pp.resolution)
     if min_pixels > 0 and mask.any():
@@ -230,13 +229,9 @@ def _objective_scores(
     objective: str, tp: np.ndarray, pred_area: np.ndarray, truth_area: np.ndarray
 ) -> np.ndarray:
     """Objective over the last (image) axis from per-image true-positive and area counts."""
-    fp = pred_area - tp
-    fn = truth_area - tp
-    if objective == "pooled_iou":
-        return iou_from_counts(tp.sum(axis=-1), fp.sum(axis=-1), fn.sum(axis=-1))
-    if objective == "mean_dice":
-        return dice_from_counts(tp, fp, fn).mean(axis=-1)
-    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective not in _OBJECTIVE_SCORES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    return _OBJECTIVE_SCORES[objective](tp, pred_area - tp, truth_area - tp)
 
 
 def _check_maps(probs: np.ndarray, truths: np.ndarray, objective: str):
@@ -586,9 +581,22 @@ def choose(probs: np.ndarray, truths: np.ndarray, configured: PostProcessing, se
     then (unless ``gate`` is "none") the best image-level gate on top of it."""
     if not search:
         return Choice(configured)
-    searcher = search_threshold if configured.kind == "threshold" else search_triplet
-    result = searcher(probs, truths, objective=objective, resolution=configured.resolution)
+    result = SEARCHES[configured.kind](probs, truths, objective=objective, resolution=configured.resolution)
     if gate == "none":
         return Choice(result.best, result)
     gated = search_gate(probs, truths, result.best, gate, head_probs, objective=objective)
     return Choice(gated.best, result, gated)
+
+
+# One entry per name of `vocabulary.RULES`, `GATES` and `OBJECTIVES`.
+_RULE_PARAMETERS = {"threshold": ("threshold", "min_area"),
+                    "triplet": ("top_threshold", "min_top_area", "bottom_threshold")}
+_RULE_MASKS = {"threshold": _threshold_mask, "triplet": _triplet_mask}
+SEARCHES = {"threshold": search_threshold, "triplet": search_triplet}
+_GATE_PARAMETERS = {"none": (), "head": ("gate", "gate_threshold"),
+                    "area": ("gate", "gate_min_area")}
+_OBJECTIVE_SCORES = {
+    "pooled_iou": lambda tp, fp, fn: iou_from_counts(tp.sum(axis=-1), fp.sum(axis=-1),
+                                                     fn.sum(axis=-1)),
+    "mean_dice": lambda tp, fp, fn: dice_from_counts(tp, fp, fn).mean(axis=-1),
+}

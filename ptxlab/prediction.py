@@ -42,11 +42,12 @@ from ptxlab.data.cases import Case, DataError
 from ptxlab.data.dataset import SegmentationDataset
 from ptxlab.data.io import read_image_file
 from ptxlab.data.layouts import IMAGE_SUFFIXES
-from ptxlab.inference import TTA_MODES, load_trained_model, predict
+from ptxlab.inference import load_trained_model, predict
 from ptxlab.metrics import image_scores
 from ptxlab.plots import overlay
 from ptxlab.postprocess import PostProcessing, apply
 from ptxlab.train import select_device
+from ptxlab.vocabulary import TTA_MODES
 
 PREDICTIONS_CSV = "predictions.csv"
 PREDICTION_COLUMNS = ("file", "predicted_area", "score", "positive")

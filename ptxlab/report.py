@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from matplotlib.figure import Figure
 from optuna.trial import TrialState
 from scipy import stats
 
-from ptxlab import tracking
+from ptxlab import artifacts, tracking
 from ptxlab.noise import MAX_REPEATS, Noise, bounded_interval
 from ptxlab.sweep import (
     Dimension,
@@ -260,19 +259,19 @@ def decide(diff: Estimate, expect: str, margin: float) -> str:
     return "supported" if supported else "contradicted" if contradicted else "inconclusive"
 
 
-def _describe(condition: dict) -> str:
+def _conditions_text(condition: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in condition.items()) or "all"
 
 
-def evaluate(hypothesis: Hypothesis, results: list[Result]) -> Verdict:
+def judge_hypothesis(hypothesis: Hypothesis, results: list[Result]) -> Verdict:
     scope = [r for r in results if matches(r.params, hypothesis.where)]
     sides = []
     for condition in (hypothesis.compare, hypothesis.against):
         group = [r for r in scope if matches(r.params, condition)]
-        text = _describe(condition)
+        text = _conditions_text(condition)
         if hypothesis.aggregate == "best" and group:
             key, group = best_configuration(group, hypothesis.metric) or ((), [])
-            text += f" (best: {_describe(dict(key))})"
+            text += f" (best: {_conditions_text(dict(key))})"
         sides.append((per_repeat(group, hypothesis.metric), f"{text}; {len(group)} trials"))
     (a, a_label), (b, b_label) = sides
     diff = difference(a, b)
@@ -375,10 +374,6 @@ def _save(figure: Figure, path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
 # --- the report ----------------------------------------------------------------------------
 
 
@@ -397,7 +392,7 @@ def write_report(target: str, storage: str | None = None, out: Path | None = Non
     out = Path(out or tracking.local_store() / "reports" / spec.name)
     out.mkdir(parents=True, exist_ok=True)
     results = collect(handle.study)
-    lines, figures, verdicts = render(handle, results, out)
+    lines, figures, verdicts = compose_report(handle, results, out)
     markdown = out / "report.md"
     markdown.write_text("\n".join(lines) + "\n")
     client = tracking.configure()
@@ -406,8 +401,8 @@ def write_report(target: str, storage: str | None = None, out: Path | None = Non
     return ReportResult(markdown, verdicts, handle.parent_run_id, figures)
 
 
-def render(handle: StudyHandle, results: list[Result],
-           out: Path) -> tuple[list[str], list[Path], list[Verdict]]:
+def compose_report(handle: StudyHandle, results: list[Result],
+                   out: Path) -> tuple[list[str], list[Path], list[Verdict]]:
     """Markdown lines, the figures written under `out`, and the verdicts."""
     spec = handle.spec
     maximize = spec.objective.direction == "maximize"
@@ -415,7 +410,7 @@ def render(handle: StudyHandle, results: list[Result],
     lines = _header(handle, spec)
     figures: list[Path] = []
 
-    verdicts = [evaluate(h, results) for h in spec.hypotheses]
+    verdicts = [judge_hypothesis(h, results) for h in spec.hypotheses]
     lines += ["## Hypotheses", ""]
     if not verdicts:
         lines += ["The study file states no hypotheses.", ""]
@@ -435,7 +430,7 @@ def render(handle: StudyHandle, results: list[Result],
         if not rows:
             lines += ["No complete trials with this factor active.", ""]
             continue
-        path = out / "plots" / f"factor_{_slug(name)}.png"
+        path = out / "plots" / f"factor_{artifacts.safe_name(name)}.png"
         _save(_factor_figure(name, rows), path)
         figures.append(path)
         lines += [f"![{name}](plots/{path.name})", ""]
@@ -505,7 +500,7 @@ def _verdict_lines(verdict: Verdict) -> list[str]:
         f"**{verdict.verdict}**: {verdict.summary}.", "",
         f"- A = {verdict.a_label}: per repeat {values(verdict.a)}",
         f"- B = {verdict.b_label}: per repeat {values(verdict.b)}",
-        f"- scope: {_describe(h.where)}; metric {REPORT_METRICS.get(h.metric, h.metric)}"
+        f"- scope: {_conditions_text(h.where)}; metric {REPORT_METRICS.get(h.metric, h.metric)}"
         f" ({h.aggregate} of the matching configurations)",
         *([f"- what the noise allows: {verdict.power}"] if verdict.power else []), "",
     ]
@@ -524,7 +519,7 @@ def _best_lines(spec: StudySpec, results: list[Result], maximize: bool) -> list[
              "| --- | --- |" + " --- |" * len(REPORT_METRICS)]
     for key, group in ranked[:TOP_CONFIGURATIONS]:
         cells = [bounded_estimate(list(per_repeat(group, m).values())).text() for m in REPORT_METRICS]
-        lines.append(f"| {_describe(dict(key))} | {len({r.repeat for r in group})} | "
+        lines.append(f"| {_conditions_text(dict(key))} | {len({r.repeat for r in group})} | "
                      + " | ".join(cells) + " |")
     lines.append("")
     for m, title in REPORT_METRICS.items():
@@ -532,9 +527,9 @@ def _best_lines(spec: StudySpec, results: list[Result], maximize: bool) -> list[
         if found:
             key, group = found
             value = bounded_estimate(list(per_repeat(group, m).values()))
-            lines.append(f"- best by {title}: {_describe(dict(key))} ({value.text()})")
+            lines.append(f"- best by {title}: {_conditions_text(dict(key))} ({value.text()})")
     best_trial = (max if maximize else min)(results, key=lambda r: r.value)
-    lines += [f"- best single trial: {best_trial.number} ({_describe(best_trial.params)}, repeat "
+    lines += [f"- best single trial: {best_trial.number} ({_conditions_text(best_trial.params)}, repeat "
               f"{best_trial.repeat}): {best_trial.value:.4f}", ""]
     return lines
 

@@ -21,6 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 import ptxlab
+from ptxlab import environment
 from ptxlab.train import TrainingCallbacks
 
 STORE_DIR = "mlruns"
@@ -40,7 +41,7 @@ def local_store_uri() -> str:
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, or the local SQLite store under ./mlruns (created on demand)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = environment.tracking_uri()
     if uri:
         return uri
     local_store().mkdir(exist_ok=True)
@@ -105,8 +106,8 @@ def open_run(
         yield run
 
 
-def end_failed(run_id: str, reason: str) -> None:
-    """Record why a run failed; the run itself is ended FAILED by `open_run`."""
+def record_failure(run_id: str, reason: str) -> None:
+    """Tag the run with why it failed (`ptxlab.failure`); `open_run` then ends it FAILED."""
     MlflowClient().set_tag(run_id, "ptxlab.failure", reason[:4000])
 
 

@@ -2,7 +2,7 @@
 
 import typer
 
-from ptxlab.cli import augment, data, evaluate, predict, report, run, sweep, weights
+from ptxlab.cli import augment, config, data, evaluate, predict, report, run, sweep, ui, weights
 
 app = typer.Typer(
     name="ptxlab",
@@ -17,8 +17,8 @@ app.command("sweep")(sweep.sweep)
 app.command("report")(report.report)
 app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
-app.command("ui")(run.ui)
-app.add_typer(run.config_app, name="config")
+app.command("ui")(ui.ui)
+app.add_typer(config.app, name="config")
 app.add_typer(data.app, name="data")
 app.add_typer(weights.app, name="weights")
 app.add_typer(augment.app, name="augment")

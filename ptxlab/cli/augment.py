@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from ptxlab.cli.errors import fail_cleanly
+from ptxlab.cli.options import LayoutOption
+from ptxlab.vocabulary import PRESETS, spoken
 
 app = typer.Typer(help="Inspect augmentation presets.", no_args_is_help=True)
 
@@ -18,12 +20,10 @@ def preview(
         Path, typer.Option("--data", help="Dataset folder, in one of the published layouts.")
     ],
     out: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
-    preset: Annotated[str, typer.Option(help="none, light, paper or paper-intended.")] = "paper",
+    preset: Annotated[str, typer.Option(help=f"{spoken(PRESETS)}.")] = "paper",
     strength: Annotated[float, typer.Option(min=0.0, max=1.0, help="0 = resize only.")] = 1.0,
     size: Annotated[int, typer.Option(min=1, help="Training image side.")] = 512,
-    layout: Annotated[
-        str, typer.Option(help="auto, siim-png, siim-dicom, ptx498 or folder.")
-    ] = "auto",
+    layout: LayoutOption = "auto",
     n: Annotated[int, typer.Option("--n", min=1, help="Cases to show.")] = 8,
     seed: Annotated[int, typer.Option(help="Picks the cases and the augmentations.")] = 0,
 ) -> None:

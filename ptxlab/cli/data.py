@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ptxlab.data.cases import DataError
+from ptxlab.cli.errors import fail_cleanly
+from ptxlab.cli.options import LayoutOption
 
 if TYPE_CHECKING:
     from ptxlab.data.check import CheckReport, Problem
@@ -25,22 +24,9 @@ app = typer.Typer(
 SHOWN_PROBLEMS = 50
 
 
-@contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Bad data or an unwritable folder: `error: <file>: <problem>` on stderr, exit 2."""
-    try:
-        yield
-    except (DataError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-
-
 PathArg = Annotated[
     Path,
     typer.Argument(help="Dataset folder, in one of the published layouts.", show_default=False),
-]
-LayoutOption = Annotated[
-    str, typer.Option("--layout", help="auto, siim-png, siim-dicom, ptx498 or folder.")
 ]
 MissingMaskOption = Annotated[
     bool,
@@ -69,7 +55,7 @@ def check(
     """Read every image and mask; exit 0 only if nothing is wrong (1: problems, 2: unusable)."""
     from ptxlab.data.check import check_dataset
 
-    with _one_line_errors():
+    with fail_cleanly():
         report = check_dataset(
             path,
             layout,
@@ -110,7 +96,7 @@ def cache(
     from ptxlab.data.layouts import load_cases, scan_layout, warn_left_out
 
     options = {"missing_mask_is_negative": missing_mask_is_negative, "rle_csv": rle_csv}
-    with _one_line_errors():
+    with fail_cleanly():
         if skip_bad:
             scan = scan_layout(path, layout, **options)
             warn_left_out(path, scan)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ptxlab.cli.errors import fail_cleanly
-from ptxlab.cli.options import BatchSizeOption, RunIdArg, TtaOption
+from ptxlab.cli.options import BatchSizeOption, LayoutOption, RunIdArg, TtaOption
 
 if TYPE_CHECKING:
     from ptxlab.evaluation import Evaluation
@@ -24,8 +24,7 @@ def evaluate(
     run_id: RunIdArg,
     data: Annotated[Path, typer.Option("--data", help="Dataset folder, in a published layout.",
                                        show_default=False)],
-    layout: Annotated[str, typer.Option(
-        "--layout", help="auto, siim-png, siim-dicom, ptx498 or folder.")] = "auto",
+    layout: LayoutOption = "auto",
     tta: TtaOption = "none",
     name: Annotated[str | None, typer.Option(
         "--name", help="Metric prefix and artifact folder (default: the data folder's name).",

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ptxlab.vocabulary import LAYOUT_CHOICES, TTA_MODES, spoken
+
 RunIdArg = Annotated[str, typer.Argument(help="MLflow run id of a finished training run.",
                                          show_default=False)]
-TtaOption = Annotated[str, typer.Option("--tta", help="Test-time augmentation: none or hflip.")]
+TtaOption = Annotated[str, typer.Option("--tta", help=f"Test-time augmentation: {spoken(TTA_MODES)}.")]
+LayoutOption = Annotated[str, typer.Option(
+    "--layout", help=f"{spoken(LAYOUT_CHOICES)}.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
 StorageOption = Annotated[str | None, typer.Option(
     help="Optuna storage: an RDB URL such as postgresql+psycopg2://user@host/db (workers on "
          "several hosts) or a journal file path. Default: $OPTUNA_STORAGE, else "
          "mlruns/optuna/<study>.journal.", show_default=False)]
+ConfigArg = Annotated[
+    Path | None,
+    typer.Argument(help="YAML run config (default: the built-in CPU quick configuration, "
+                        "= experiments/default.yaml).", show_default=False),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a key, e.g. --set train.batch_size=8 (repeatable)."),
+]

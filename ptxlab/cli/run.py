@@ -1,34 +1,17 @@
-"""`ptxlab run`, `ptxlab config show` and `ptxlab ui`."""
+"""`ptxlab run`: train one configuration, tracked in MLflow (optionally on several processes)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from ptxlab import artifacts
+from ptxlab import artifacts, environment
 from ptxlab.cli.errors import fail_cleanly
-from ptxlab.config import Config, load_config, render
+from ptxlab.cli.options import ConfigArg, SetOption
+from ptxlab.config import Config, load_config
 from ptxlab.progress import choose
-
-console = Console(stderr=True)
-config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
-
-ConfigArg = Annotated[
-    Path | None,
-    typer.Argument(help="YAML run config (default: the built-in CPU quick configuration, "
-                        "= experiments/default.yaml).", show_default=False),
-]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a key, e.g. --set train.batch_size=8 (repeatable)."),
-]
 
 
 def run(
@@ -44,7 +27,7 @@ def run(
              "Default: $PTXLAB_PROGRESS, else auto.", show_default=False)] = None,
 ) -> None:
     """Train one configuration and log everything to MLflow."""
-    launching = nproc > 1 and "RANK" not in os.environ  # else a single process or a rank
+    launching = nproc > 1 and not environment.under_torchrun()  # else one process or a rank
     with fail_cleanly():
         if progress is not None:
             choose(progress)
@@ -114,34 +97,3 @@ def _argv_without_nproc() -> list[str]:
         elif not arg.startswith("--nproc="):
             argv.append(arg)
     return argv
-
-
-def show(
-    config: ConfigArg = None,
-    overrides: SetOption = None,
-    fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
-) -> None:
-    """Print the resolved configuration (defaults + file + overrides)."""
-    with fail_cleanly():
-        if fmt not in ("yaml", "json"):
-            raise ValueError(f"--format {fmt!r}: allowed yaml, json")
-        print(render(load_config(config, overrides or []), fmt), end="")
-
-
-def ui(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
-) -> None:
-    """Open the MLflow UI on the tracking store (bound to 127.0.0.1 only)."""
-    from ptxlab.tracking import tracking_uri
-
-    uri = tracking_uri()
-    mlflow_cli = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    command = [mlflow_cli, "ui", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", uri]
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (store: {uri}); Ctrl+C stops it")
-    # MLflow's background job runner (GenAI judges, schedules) is not needed to browse runs.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    raise typer.Exit(subprocess.call(command, env=env))
-
-
-config_app.command("show")(show)

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ptxlab import environment
 from ptxlab.data.cases import Case, DataError
 from ptxlab.data.io import map_in_threads, read_image, read_mask
 
@@ -45,8 +46,7 @@ _CHUNK = 1 << 20
 
 def default_cache_dir() -> Path:
     """`$PTXLAB_CACHE` if set, else `~/.cache/ptxlab`."""
-    configured = os.environ.get("PTXLAB_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ptxlab"
+    return environment.cache_dir() or Path.home() / ".cache" / "ptxlab"
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

@@ -35,10 +35,10 @@ from pathlib import Path
 from ptxlab.data.cases import Case, DataError
 from ptxlab.data.io import DICOM_SUFFIXES, map_in_threads, read_mask_file
 from ptxlab.data.rle import read_rle_csv
+from ptxlab.vocabulary import LAYOUTS
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("siim-png", "siim-dicom", "ptx498", "folder")
 SIIM_PNG_FOLDER = "siim-acr-pneumothorax"
 SIIM_PNG_LABEL_FILES = {"train": "stage_1_train_images.csv", "test": "stage_1_test_images.csv"}
 SIIM_RLE_FILE_NAMES = ("stage_2_train.csv", "train-rle.csv")  # preferred first; `.gz` accepted
@@ -127,14 +127,7 @@ def scan_layout(
     if layout not in LAYOUTS:
         raise DataError(root, f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     scan = LayoutScan(layout)
-    if layout == "siim-png":
-        _scan_siim_png(root, scan, missing_mask_is_negative)
-    elif layout == "siim-dicom":
-        _scan_siim_dicom(root, scan, rle_csv)
-    elif layout == "ptx498":
-        _scan_ptx498(root, scan, missing_mask_is_negative)
-    else:
-        _scan_folder(root, scan, missing_mask_is_negative)
+    _SCANNERS[layout](root, scan, missing_mask_is_negative, rle_csv)
     _drop_duplicate_ids(scan)
     scan.cases.sort(key=lambda case: natural_key(case.case_id))
     if not scan.cases and not scan.problems:
@@ -346,6 +339,14 @@ def _mask_has_foreground(path: Path) -> bool | DataError:
 
 # --- shared ----------------------------------------------------------------------------------
 
+
+# One entry per layout of `vocabulary.LAYOUTS`: (root, scan, missing_mask_is_negative, rle_csv).
+_SCANNERS = {
+    "siim-png": lambda root, scan, missing, _: _scan_siim_png(root, scan, missing),
+    "siim-dicom": lambda root, scan, _, rle_csv: _scan_siim_dicom(root, scan, rle_csv),
+    "ptx498": lambda root, scan, missing, _: _scan_ptx498(root, scan, missing),
+    "folder": lambda root, scan, missing, _: _scan_folder(root, scan, missing),
+}
 
 _DETECTORS = {
     "siim-png": lambda root: _siim_png_base(root) is not None,

@@ -14,12 +14,11 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
 
+from ptxlab import environment
 from ptxlab.sweep.storage import masked, resolve_storage
 from ptxlab.sweep.study import StudyHandle, Tally, open_study, tally
 from ptxlab.sweep.study_file import StudyFile, load_study_file
 from ptxlab.sweep.worker import Worker
-
-WORKER_ENV = "PTXLAB_SWEEP_WORKER"  # set for the worker processes `--workers N` spawns
 
 
 def _budget(handle: StudyHandle, n_trials: int | None) -> int:
@@ -74,9 +73,9 @@ def run_sweep(study_file: Path | str, storage: str | None = None, workers: int =
     """`ptxlab sweep`: create or join the study, then run it with one or `workers` processes."""
     loaded = load_study_file(study_file, name)
     url = resolve_storage(storage, loaded.spec.name)
-    index = os.environ.get(WORKER_ENV)
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    handle = open_study(loaded, url, seed_offset=int(index) if index else None)
+    index = environment.sweep_worker_index()
+    handle = open_study(loaded, url, seed_offset=index)
     wanted = _budget(handle, n_trials)
     failures: list[str] = []
     if workers <= 1:
@@ -111,8 +110,8 @@ def _spawn_workers(loaded: StudyFile, url: str, workers: int, n_trials: int | No
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     processes = []
     for index in range(1, workers + 1):
-        env = {**os.environ, WORKER_ENV: str(index), "OPTUNA_STORAGE": url,
-               "PTXLAB_PROGRESS": "0"}
+        env = environment.for_child(**{environment.SWEEP_WORKER: str(index),
+                                       environment.OPTUNA_STORAGE: url, "PTXLAB_PROGRESS": "0"})
         env.setdefault("OMP_NUM_THREADS", threads)
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL))
     failures = []

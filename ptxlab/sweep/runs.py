@@ -63,7 +63,7 @@ def create_parent_run(loaded: StudyFile, definition: dict, experiment: str,
               "study.grid_size": definition["grid_size"], "study.storage": masked_storage,
               "sampler.type": spec.sampler.type, "sampler.seed": spec.sampler.seed}
     params.update({f"pruner.{k}": v for k, v in spec.pruner.model_dump().items()})
-    params.update({f"space.{name}": _describe(dim) for name, dim in spec.space.items()})
+    params.update({f"space.{name}": _dimension_text(dim) for name, dim in spec.space.items()})
     params.update({f"set.{key}": json.dumps(value) for key, value in spec.overrides.items()})
     if definition["source_runs"]:
         params["study.source_runs"] = ",".join(definition["source_runs"])
@@ -73,7 +73,7 @@ def create_parent_run(loaded: StudyFile, definition: dict, experiment: str,
     return run_id
 
 
-def _describe(dim: Dimension) -> str:
+def _dimension_text(dim: Dimension) -> str:
     if dim.type == "categorical":
         text = f"categorical{dim.labels()}"
     else:

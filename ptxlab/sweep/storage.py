@@ -13,7 +13,6 @@ study where it stands.
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 import zlib
@@ -31,7 +30,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ptxlab import tracking
+from ptxlab import environment, tracking
 from ptxlab.sweep.runs import PARENT_ATTR, finish_child_run
 from ptxlab.sweep.study_file import HeartbeatSpec
 
@@ -95,7 +94,7 @@ class StaleTrialHandler:
 
 def resolve_storage(option: str | None, study_name: str) -> str:
     """--storage, else $OPTUNA_STORAGE, else the study's journal file under ./mlruns/optuna/."""
-    return (option or os.environ.get("OPTUNA_STORAGE")
+    return (option or environment.optuna_storage()
             or str(tracking.local_store() / "optuna" / f"{study_name}.journal"))
 
 

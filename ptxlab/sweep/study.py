@@ -61,7 +61,6 @@ class StudyHandle:
     definition: dict[str, Any]
     parent_run_id: str
     experiment: str
-    created: bool
 
     @property
     def study_id(self) -> int:
@@ -132,7 +131,7 @@ def open_study(loaded: StudyFile, url: str, seed_offset: int | None = None) -> S
     study.sampler = _build_sampler(spec.sampler, spec.sampler.seed + seed_offset)
     study.pruner = _build_pruner(spec.pruner)
     return StudyHandle(study, storage, url, spec, definition, parent_run_id,
-                       study.user_attrs[EXPERIMENT_ATTR], created)
+                       study.user_attrs[EXPERIMENT_ATTR])
 
 
 def _definition(loaded: StudyFile, source_runs: list[str]) -> dict[str, Any]:
@@ -196,7 +195,7 @@ def load_existing(target: str, storage: str | None) -> tuple[StudyHandle, StudyF
     if loaded is not None:
         spec = spec.model_copy(update={"hypotheses": loaded.spec.hypotheses})
     handle = StudyHandle(study, store, url, spec, definition, study.user_attrs[PARENT_ATTR],
-                         study.user_attrs[EXPERIMENT_ATTR], created=False)
+                         study.user_attrs[EXPERIMENT_ATTR])
     return handle, loaded
 
 

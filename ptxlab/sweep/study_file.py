@@ -43,12 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
 from optuna.trial import Trial
 from pydantic import (
     BaseModel,
@@ -59,7 +53,16 @@ from pydantic import (
     model_validator,
 )
 
-from ptxlab.config import Config, ConfigError, evaluation_only, load_config, read_yaml_mapping
+from ptxlab.config import (
+    Config,
+    ConfigError,
+    describe_error,
+    evaluation_only,
+    load_config,
+    read_yaml_mapping,
+    set_dotted,
+    validate,
+)
 from ptxlab.metrics import METRIC_KEYS
 from ptxlab.postprocess import PostProcessing
 
@@ -138,15 +141,6 @@ class Dimension(_Strict):
 
     def labels(self) -> list[Label]:
         return list(self.choices) if self.is_bundle else [_label(c) for c in self.choices]
-
-    def distribution(self) -> BaseDistribution:
-        if self.type == "categorical":
-            return CategoricalDistribution(self.labels())
-        if self.type == "int":
-            return IntDistribution(int(self.low), int(self.high), step=int(self.step or 1))
-        if self.type == "log_float":
-            return FloatDistribution(self.low, self.high, log=True)
-        return FloatDistribution(self.low, self.high, step=self.step)
 
     def grid(self) -> list[Label]:
         """Every value, for a grid; continuous dimensions have none."""
@@ -380,7 +374,7 @@ def load_study_file(path: Path | str, name: str | None = None) -> StudyFile:
     try:
         spec = StudySpec.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(f"{path}: {_first_error(error)}") from None
+        raise ConfigError(describe_error(error, str(path))) from None
     base_config = None
     if spec.mode == "train":
         base = path.parent / spec.base if spec.base else None
@@ -393,14 +387,6 @@ def load_study_file(path: Path | str, name: str | None = None) -> StudyFile:
             build_postprocessing(spec.overrides_for(params), resolution=512,
                                  where=f"{path}: {params}")
     return StudyFile(path, text, spec, base_config)
-
-
-def _first_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-    message = message.removeprefix("Value error, ")
-    where = ".".join(str(p) for p in first["loc"])
-    return f"{where}: {message}" if where else message
 
 
 def _validation_points(spec: StudySpec) -> list[dict[str, Label]]:
@@ -420,17 +406,11 @@ def build_config(tree: dict[str, Any], overrides: dict[str, Any], where: str) ->
     """A validated Config from a full config tree with dotted-key overrides applied."""
     tree = copy.deepcopy(tree)
     for key, value in overrides.items():
-        node = tree
-        *sections, leaf = key.split(".")
-        for section in sections:
-            node = node.setdefault(section, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{where}: {key!r}: {section!r} is a value, not a section")
-        node[leaf] = copy.deepcopy(value)
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(f"{where}: {_first_error(error)}") from None
+        try:
+            set_dotted(tree, key.split("."), copy.deepcopy(value))
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+    return validate(tree, where)
 
 
 def build_postprocessing(fields: dict[str, Any], resolution: int, where: str) -> PostProcessing:
