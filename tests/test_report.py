@@ -198,7 +198,7 @@ def noisy_study(isolated_store):
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_inconclusive_verdicts_say_what_the_noise_allows(noisy_study):
-    from ptxlab.report import collect, evaluate
+    from ptxlab.report import collect, judge_hypothesis
 
     path, handle = noisy_study
     result = write_report(str(path))
@@ -233,7 +233,7 @@ def test_inconclusive_verdicts_say_what_the_noise_allows(noisy_study):
     text = result.markdown.read_text()
     assert text.count("- what the noise allows:") == 2 and "it would take" in text
     # The same verdicts from the library function, without the report.
-    again = evaluate(handle.spec.hypotheses[0], collect(handle.study))
+    again = judge_hypothesis(handle.spec.hypotheses[0], collect(handle.study))
     assert again.repeats_needed == needed
 
 
