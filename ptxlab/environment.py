@@ -4,6 +4,7 @@
     OPTUNA_STORAGE        a study's storage when `--storage` is not given (see `sweep.storage`)
     PTXLAB_CACHE          the resized-image cache folder (default: ~/.cache/ptxlab)
     PTXLAB_CHECKPOINTS    where runs keep checkpoints (default: ./mlruns/checkpoints)
+    PTXLAB_PROGRESS       how runs show progress when `--progress` is not given (see `progress`)
     PTXLAB_SWEEP_WORKER   set by `ptxlab sweep --workers N` for each worker process it starts
     RANK, WORLD_SIZE, LOCAL_RANK   set by torchrun for each rank of `ptxlab run --nproc N`
 
@@ -20,6 +21,7 @@ OPTUNA_STORAGE = "OPTUNA_STORAGE"
 CACHE = "PTXLAB_CACHE"
 CHECKPOINTS = "PTXLAB_CHECKPOINTS"
 SWEEP_WORKER = "PTXLAB_SWEEP_WORKER"
+PROGRESS = "PTXLAB_PROGRESS"
 
 
 def tracking_uri() -> str | None:
@@ -38,6 +40,10 @@ def cache_dir() -> Path | None:
 def checkpoints_dir() -> Path | None:
     configured = os.environ.get(CHECKPOINTS)
     return Path(configured) if configured else None
+
+
+def progress_choice() -> str:
+    return os.environ.get(PROGRESS, "auto")
 
 
 def sweep_worker_index() -> int | None:

@@ -20,16 +20,18 @@ from typing import Literal, TextIO, get_args
 
 from tqdm import tqdm
 
+from ptxlab import environment
+
 Choice = Literal["auto", "bar", "lines", "none"]
 CHOICES: tuple[str, ...] = get_args(Choice)
 Display = Literal["bar", "lines", "none"]
-ENV = "PTXLAB_PROGRESS"
+ENV = environment.PROGRESS
 _ALIASES = {"0": "none", "1": "auto", "": "auto"}
 
 
 def display(choice: str | None = None, stream: TextIO | None = None) -> Display:
     """The display to use: `choice`, else $PTXLAB_PROGRESS, else auto (bars on a terminal)."""
-    raw = choice if choice is not None else os.environ.get(ENV, "auto")
+    raw = choice if choice is not None else environment.progress_choice()
     value = _ALIASES.get(raw.strip().lower(), raw.strip().lower())
     if value not in CHOICES:
         source = "--progress" if choice is not None else ENV

@@ -111,7 +111,7 @@ def _spawn_workers(loaded: StudyFile, url: str, workers: int, n_trials: int | No
     processes = []
     for index in range(1, workers + 1):
         env = environment.for_child(**{environment.SWEEP_WORKER: str(index),
-                                       environment.OPTUNA_STORAGE: url, "PTXLAB_PROGRESS": "0"})
+                                       environment.OPTUNA_STORAGE: url, environment.PROGRESS: "0"})
         env.setdefault("OMP_NUM_THREADS", threads)
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL))
     failures = []
