@@ -3,7 +3,7 @@
 Both loops see identical batches from one DataLoader over cached synthetic phantoms and do
 the same work per step (normalise, forward, BCE + Dice, backward, Adam step). The ptxlab loop
 adds what a real run needs: per-step cosine LR, accumulation bookkeeping, AMP plumbing, the
-non-finite guard and the progress bar. Runs alternate (bare, ptxlab, bare, ...) and the
+non-finite guard and the per-batch progress callback. Runs alternate (bare, ptxlab, bare, ...) and the
 median epoch time of each is compared.
 
     python benchmarks/train_overhead.py [--size 96] [--batch 8] [--images 64] [--repeats 5]
@@ -18,19 +18,16 @@ import os
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
+from pathlib import Path
 
 os.environ.setdefault("PTXLAB_PROGRESS", "0")
 
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
-from ptxlab import distributed  # noqa: E402
 from ptxlab.config import load_config  # noqa: E402
 from ptxlab.experiment import prepare_data  # noqa: E402
-from ptxlab.losses import SegmentationLoss  # noqa: E402
-from ptxlab.model import build_model, split_output  # noqa: E402
-from ptxlab.train import _train_epoch  # noqa: E402
+from ptxlab.model import split_output  # noqa: E402
+from ptxlab.train import Training, _set_up, _start_epoch, _train_epoch  # noqa: E402
 
 
 def bare_epoch(model, criterion, optimizer, loader) -> float:
@@ -45,12 +42,9 @@ def bare_epoch(model, criterion, optimizer, loader) -> float:
     return time.perf_counter() - started
 
 
-def ptxlab_epoch(model, criterion, optimizer, loader, config) -> float:
+def ptxlab_epoch(run: Training) -> float:
     started = time.perf_counter()
-    _train_epoch(model, model.normalize_input, criterion, optimizer,
-                 torch.amp.GradScaler("cuda", enabled=False), loader, torch.device("cpu"),
-                 nullcontext, config, global_step=0, total_steps=10**9, lr=config.optim.lr,
-                 batches_per_epoch=len(loader), desc="ptxlab", ranks=distributed.Ranks())
+    _train_epoch(run, epoch=0)
     return time.perf_counter() - started
 
 
@@ -67,20 +61,20 @@ def main() -> None:
             f"data.synthetic.n_images={args.images}", f"data.synthetic.size={args.size}",
             f"data.image_size={args.size}", "data.val_fraction=0.1", f"data.cache_dir={cache}",
             "augment.preset=none", "model.encoder_weights=null", f"train.batch_size={args.batch}",
+            "train.device=cpu",
         ])
         data = prepare_data(config, progress=False)
-        loader = DataLoader(data.train, batch_size=args.batch, shuffle=False, drop_last=True)
+        run = _set_up(config, data.train, data.val, Path(cache) / "work", None, None)
+        run.total_steps = 10**9  # the cosine LR never reaches its end here
+        _start_epoch(run, 0)  # seeds the batch order: both loops see the same batches
+        loader = run.train_loader
         list(loader)  # warm the cache and the page cache for both loops
-        torch.manual_seed(0)
-        model, _ = build_model(config.model)
-        criterion = SegmentationLoss(config.loss)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
-        bare_epoch(model, criterion, optimizer, loader)  # warm-up: allocator, kernels
+        bare_epoch(run.model, run.criterion, run.optimizer, loader)  # warm-up: allocator, kernels
 
         bare, ours = [], []
         for _ in range(args.repeats):
-            bare.append(bare_epoch(model, criterion, optimizer, loader))
-            ours.append(ptxlab_epoch(model, criterion, optimizer, loader, config))
+            bare.append(bare_epoch(run.model, run.criterion, run.optimizer, loader))
+            ours.append(ptxlab_epoch(run))
     images = len(loader) * args.batch
     print(f"{images} images/epoch at {args.size}px, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, {args.repeats} alternating epochs each")
