@@ -145,6 +145,8 @@ class TrackingConfig(_Section):
     run_name: str | None = None
     system_metrics: bool = True
     overlays: int = Field(8, ge=0)
+    preflight_timeout_s: float = Field(
+        5.0, gt=0, description="how long a run waits for the tracking server before giving up")
 
 
 class Config(_Section):

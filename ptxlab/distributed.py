@@ -195,7 +195,7 @@ def synchronize_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `ptxlab <argv>` in `nproc` processes on this machine through torchrun's launcher
-    (in this process); returns the exit status of the first rank that failed, else 0.
+    (in this process); returns `exit_status` of the failed ranks, else 0.
 
     The ranks report their own errors in one line, so torchrun's traceback, failure summary
     and banner are left out.
@@ -205,6 +205,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "ptxlab", *argv])
     except ChildFailedError as error:
-        _, failure = error.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 1
+        return exit_status({rank: failure.exitcode for rank, failure in error.failures.items()})
     return 0
+
+
+def exit_status(exit_codes: dict[int, int]) -> int:
+    """One exit status for failed ranks, whichever stopped first: the lowest rank's own exit
+    code (rank 0 says why a run failed; torchrun stops the others with a signal, which shows
+    as a negative code), else 1."""
+    own = [code for _, code in sorted(exit_codes.items()) if code > 0]
+    return own[0] if own else 1

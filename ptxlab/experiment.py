@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptxlab import artifacts, distributed, environment, plots, tracking
+from ptxlab import artifacts, distributed, environment, plots, preflight, tracking
 from ptxlab.augment import build_eval_transform, build_train_transform, serialize
 from ptxlab.config import Config
 from ptxlab.data.cases import Case
@@ -57,10 +57,13 @@ class PreparedData:
     skipped: list[tuple[Case, str]]
 
 
+def checkpoint_root() -> Path:
+    return environment.checkpoints_dir() or tracking.local_store() / "checkpoints"
+
+
 def checkpoint_dir(run_id: str) -> Path:
     """Local working copies of a run's checkpoints (what `--resume` continues from)."""
-    root = environment.checkpoints_dir() or tracking.local_store() / "checkpoints"
-    return root / run_id
+    return checkpoint_root() / run_id
 
 
 def prepare_data(config: Config, progress: bool = True) -> PreparedData:
@@ -132,6 +135,10 @@ def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: st
     """Rank 0 (or the only process): data, MLflow run, training, post-processing, test set."""
     shown = display() if progress else "none"
     progress = shown == "bar"  # bars for data preparation and prediction, too
+    preflight.check_run(config, checkpoint_root(), tracking.tracking_uri())
+    resume_from = checkpoint_dir(resume_run_id) / "last.pt" if resume_run_id else None
+    if resume_from is not None and not resume_from.exists():
+        raise FileNotFoundError(f"{resume_from}: no checkpoint to resume run {resume_run_id}")
     data = prepare_data(config, progress=progress)
     with tracking.open_run(
         config.tracking.experiment, config.tracking.run_name, run_id=resume_run_id,
@@ -139,12 +146,7 @@ def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: st
     ) as run:
         run_id = run.info.run_id
         workdir = checkpoint_dir(run_id)
-        resume_from = None
-        if resume_run_id:
-            resume_from = workdir / "last.pt"
-            if not resume_from.exists():
-                raise FileNotFoundError(f"{resume_from}: no checkpoint to resume run {run_id}")
-        else:
+        if not resume_run_id:
             _log_inputs(config, config_text, data)
         handoff.send((run_id, resume_from))
         callbacks = _Callbacks(tracking.MlflowCallbacks(run_id, resumed=bool(resume_run_id)),

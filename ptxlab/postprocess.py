@@ -44,6 +44,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ptxlab.atomic import write_file
 from ptxlab.metrics import dice_from_counts, iou_from_counts
 from ptxlab.vocabulary import GATES, OBJECTIVES, RULES
 
@@ -550,8 +551,7 @@ def save_probability_maps(path: str | Path, ids: Sequence[str], probs: np.ndarra
         if len(head_probs) != len(probs):
             raise ValueError(f"need {len(probs)} head probabilities, got {len(head_probs)}")
         arrays["head_probs"] = np.asarray(head_probs, dtype=np.float32)
-    with open(path, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
+    write_file(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
 def load_probability_maps(path: str | Path) -> StoredMaps:

@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 from scipy import stats
 
 from ptxlab import artifacts, tracking
+from ptxlab.atomic import write_file
 from ptxlab.noise import MAX_REPEATS, Noise, bounded_interval
 from ptxlab.sweep import (
     Dimension,
@@ -370,8 +371,7 @@ def _importance_figure(values: dict[str, float]):
 
 
 def _save(figure: Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    write_file(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
 
 
 # --- the report ----------------------------------------------------------------------------

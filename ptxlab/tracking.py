@@ -7,6 +7,7 @@ directory; `MLFLOW_TRACKING_URI` overrides it (e.g. a team server).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import ptxlab
@@ -25,6 +28,7 @@ from ptxlab import environment
 from ptxlab.train import TrainingCallbacks
 
 STORE_DIR = "mlruns"
+FAILURE_TAG = "ptxlab.failure"
 # MLflow draws a progress bar on stderr for every artifact download, even of one small file.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 for _noisy in ("alembic", "mlflow"):
@@ -48,9 +52,53 @@ def tracking_uri() -> str:
     return local_store_uri()
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for other stores and in-memory SQLite)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri == prefix or ":memory:" in uri:
+        return None
+    return Path(uri[len(prefix):].split("?", 1)[0])
+
+
+_READY_STORES: set[str] = set()
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Exclusive inter-process lock on a SQLite store (a `<db>.lock` file beside it); nothing
+    for other stores. MLflow creates and migrates a SQLite store on first use, and two
+    processes doing that at once break it for good."""
+    database = sqlite_path(uri)
+    if database is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def configure() -> MlflowClient:
-    mlflow.set_tracking_uri(tracking_uri())
-    return MlflowClient()
+    """Point MLflow at the tracking store; the first use in this process creates or migrates a
+    SQLite store under `store_lock`, so runs, sweep workers and evaluations may start together."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri in _READY_STORES:
+        return MlflowClient(uri)
+    with store_lock(uri):
+        client = MlflowClient(uri)  # builds (and caches) MLflow's store: creates, migrates
+        client.search_experiments(max_results=1)
+    _READY_STORES.add(uri)
+    return client
+
+
+def require_run(run_id: str) -> None:
+    """A one-line ValueError unless the tracking store holds run `run_id`."""
+    try:
+        configure().get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"run {run_id}: no such run in the tracking store "
+                         f"{tracking_uri()}") from None
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
@@ -89,12 +137,13 @@ def open_run(
     tags: dict[str, str] | None = None,
     system_metrics: bool = True,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, with run_id, continue) a run; it ends FINISHED, or FAILED on an exception."""
+    """Start (or, with run_id, continue) a run. It ends FINISHED; on an exception FAILED with
+    the reason in the `ptxlab.failure` tag, on Ctrl-C KILLED."""
     client = configure()
     experiment_id = ensure_experiment(client, experiment)
     base_tags = {"ptxlab.version": ptxlab.__version__, "mlflow.source.git.commit": git_commit()}
     mlflow.set_system_metrics_sampling_interval(5)
-    with mlflow.start_run(
+    run = mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else experiment_id,
         run_name=run_name,
@@ -102,13 +151,40 @@ def open_run(
         nested=parent_run_id is not None,
         tags={**base_tags, **(tags or {})},
         log_system_metrics=system_metrics,
-    ) as run:
+    )
+    try:
         yield run
+    except BaseException as error:
+        _end_unfinished(run.info.run_id, error)
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line: '<file>: <problem>' where the OS names a file, else the message's first line."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _end_unfinished(run_id: str, error: BaseException) -> None:
+    """End the run FAILED (KILLED on Ctrl-C) with the reason as a tag. Best effort: when the
+    store itself is what failed (a full disk under SQLite), the original error is what counts."""
+    killed = isinstance(error, KeyboardInterrupt)
+    status = RunStatus.KILLED if killed else RunStatus.FAILED
+    try:
+        tags = MlflowClient().get_run(run_id).data.tags
+        if not killed and FAILURE_TAG not in tags:  # a more specific reason may be set already
+            record_failure(run_id, failure_reason(error))
+        mlflow.end_run(RunStatus.to_string(status))
+    except Exception:  # noqa: BLE001 - reporting the first error matters more
+        logging.getLogger(__name__).debug("could not end run %s as %s", run_id, status)
 
 
 def record_failure(run_id: str, reason: str) -> None:
     """Tag the run with why it failed (`ptxlab.failure`); `open_run` then ends it FAILED."""
-    MlflowClient().set_tag(run_id, "ptxlab.failure", reason[:4000])
+    MlflowClient().set_tag(run_id, FAILURE_TAG, reason[:4000])
 
 
 def log_params(params: dict[str, Any]) -> None:

@@ -10,7 +10,6 @@ decision (best so far? early stop?), checkpoint and report. The steps share one 
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ptxlab import distributed
+from ptxlab.atomic import save_torch
 from ptxlab.config import Config
 from ptxlab.data.dataset import GlobalBatchSampler, SegmentationDataset
 from ptxlab.losses import SegmentationLoss
@@ -400,20 +400,14 @@ def _save_checkpoints(run: Training, metrics: dict, improved: bool) -> None:
     epoch = run.state.epoch - 1
     config = run.config.model_dump(mode="json")
     if improved:
-        _save_atomic({"model": run.model.state_dict(), "config": config,
-                      "epoch": epoch, "metrics": metrics}, run.best_path)
-    _save_atomic({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                  "scaler": run.scaler.state_dict(), "state": run.state.__dict__,
-                  "config": config}, run.last_path)
+        save_torch({"model": run.model.state_dict(), "config": config,
+                    "epoch": epoch, "metrics": metrics}, run.best_path)
+    save_torch({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(), "state": run.state.__dict__,
+                "config": config}, run.last_path)
     if improved:
         run.callbacks.on_checkpoint(epoch, run.best_path, is_best=True)
     run.callbacks.on_checkpoint(epoch, run.last_path, is_best=False)
-
-
-def _save_atomic(payload: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def _report(run: Training, metrics: dict) -> str | None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import ptxlab.data.cache as cache_module
+import ptxlab.atomic as atomic_module
 from ptxlab.cli import app
 from ptxlab.data.cache import ResizedCache, default_cache_dir, resize_mask
 from ptxlab.data.cases import Case, DataError
@@ -105,7 +105,7 @@ def test_interrupted_write_leaves_nothing(copied_cases, tmp_path, monkeypatch):
     def killed(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_module.os, "replace", killed)
+    monkeypatch.setattr(atomic_module.os, "replace", killed)  # the rename into place
     with pytest.raises(KeyboardInterrupt):
         cache.load(copied_cases[0])
     assert all_files(tmp_path / "cache") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -32,16 +33,18 @@ def run(
         if progress is not None:
             choose(progress)
         if resume:
-            from ptxlab import tracking
-
             if config or overrides:
                 raise ValueError("--resume continues a run with its own logged config; "
                                  "drop CONFIG and --set")
-            resolved = load_config(tracking.download_artifact(resume, artifacts.RESOLVED_CONFIG))
+            resolved = load_config(_resumed_config(resume))
         else:
             resolved = load_config(config, overrides or [])
         if launching:
             _check_processes(resolved, nproc)
+        from ptxlab.preflight import check_tracking_store
+        from ptxlab.tracking import tracking_uri
+
+        check_tracking_store(tracking_uri(), resolved.tracking.preflight_timeout_s)
     if launching:
         from ptxlab.distributed import launch
 
@@ -70,6 +73,17 @@ def run(
               f"IoU {test['pooled_iou']:.4f}  per-image mean Dice {test['mean_dice']:.4f}")
     print(f"open it: ptxlab ui, then http://127.0.0.1:5000/#/experiments/"
           f"{summary.experiment_id}/runs/{summary.run_id}")
+
+
+def _resumed_config(run_id: str) -> Path:
+    """The resolved config a run logged, after checking that the store answers and has it."""
+    from ptxlab import tracking
+    from ptxlab.config import TrackingConfig
+    from ptxlab.preflight import check_tracking_store
+
+    check_tracking_store(tracking.tracking_uri(), TrackingConfig().preflight_timeout_s)
+    tracking.require_run(run_id)
+    return tracking.download_artifact(run_id, artifacts.RESOLVED_CONFIG)
 
 
 def _check_processes(config: Config, nproc: int) -> None:

@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
 from ptxlab import environment
+from ptxlab.atomic import write_file
 from ptxlab.data.cases import Case, DataError
 from ptxlab.data.io import map_in_threads, read_image, read_mask
 
@@ -132,7 +130,7 @@ class ResizedCache:
         image = read_image(case)
         mask = read_mask(case, image.shape)
         pair = np.stack([resize_image(image, self.size), resize_mask(mask, self.size)])
-        _write_atomically(path, lambda handle: np.save(handle, pair))
+        write_file(path, lambda handle: np.save(handle, pair))
         return pair
 
     def _digest(self, source: Path) -> str:
@@ -154,7 +152,7 @@ class ResizedCache:
             pass  # no stamp yet, or an unreadable one: hash the file
         digest = _file_sha256(resolved)
         record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-        _write_atomically(stamp, lambda handle: handle.write(json.dumps(record).encode()))
+        write_file(stamp, lambda handle: handle.write(json.dumps(record).encode()))
         self._digests[fingerprint] = digest
         return digest
 
@@ -180,15 +178,3 @@ def _remove_stale_temporaries(temporaries: Sequence[Path]) -> None:
             pass  # renamed into place or removed by another process meanwhile
 
 
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -24,13 +24,17 @@ def cache_root(config: DataConfig) -> Path:
     return Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
 
 
+def synthetic_root(config: DataConfig) -> Path:
+    return cache_root(config) / "synthetic"
+
+
 def load_source(config: DataConfig, source: str, layout: str, progress: bool = True) -> list[Case]:
     """Cases of `source`: the embedded synthetic set, or a data set on disk in `layout`."""
     if source == SYNTHETIC:
         synthetic = config.synthetic
         spec = SyntheticSpec(synthetic.n_images, synthetic.positive_fraction, synthetic.size,
                              synthetic.seed)
-        return materialize(spec, cache_root(config) / "synthetic", progress=progress)
+        return materialize(spec, synthetic_root(config), progress=progress)
     return load_cases(Path(source), layout, missing_mask_is_negative=config.missing_mask_is_negative)
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from ptxlab.atomic import replacing_directory, write_bytes, write_text
 from ptxlab.data.cases import Case
 
 GENERATOR_VERSION = 1
@@ -180,19 +179,26 @@ def materialize(spec: SyntheticSpec, root: Path, progress: bool = True) -> list[
 
 
 def _write(spec: SyntheticSpec, target: Path, progress: bool) -> None:
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    (tmp / "masks").mkdir()
+    """Into a temporary folder beside `target`, renamed into place when complete; on failure
+    (a full disk) it is removed and the error names `target`."""
     indices = range(spec.n_images)
     if progress:
         from tqdm import tqdm
 
         indices = tqdm(indices, desc="synthetic data", unit="img", leave=False)
-    for index in indices:
-        image, mask = render_dataset_case(spec, index)
-        cv2.imwrite(str(tmp / "images" / f"phantom_{index:05d}.png"), image)
-        cv2.imwrite(str(tmp / "masks" / f"phantom_{index:05d}.png"), mask * 255)
-    (tmp / "COMPLETE").write_text(json.dumps(asdict(spec)))
-    shutil.rmtree(target, ignore_errors=True)  # a leftover of a killed writer
-    os.replace(tmp, target)
+    with replacing_directory(target) as folder:
+        (folder / "images").mkdir()
+        (folder / "masks").mkdir()
+        for index in indices:
+            image, mask = render_dataset_case(spec, index)
+            _write_png(folder / "images" / f"phantom_{index:05d}.png", image)
+            _write_png(folder / "masks" / f"phantom_{index:05d}.png", mask * 255)
+        write_text(folder / "COMPLETE", json.dumps(asdict(spec)))
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    """Encoded in memory, so a failed write is an OSError rather than libpng's stderr lines."""
+    encoded, data = cv2.imencode(".png", pixels)
+    if not encoded:
+        raise ValueError(f"{path}: PNG encoding failed")
+    write_bytes(path, data.tobytes())
