@@ -31,6 +31,7 @@ POSTPROCESS = "model/postprocess.json"
 VALIDATION_MAPS = "validation/val_probabilities.npz"
 POSTPROCESS_SEARCH = "validation/postprocess_search.json"
 GATE_SEARCH = "validation/gate_search.json"
+PER_IMAGE_DICE = "validation/per_image_dice.json"  # {"ids": [...], "dice": [...]}, chosen rule
 LEARNING_CURVES = "plots/learning_curves.png"
 POSTPROCESS_SEARCH_PLOT = "plots/postprocess_search.png"
 VALIDATION_OVERLAYS = "plots/validation_overlays.png"

@@ -19,7 +19,7 @@ from ptxlab.data.dataset import SegmentationDataset, stratified_split
 from ptxlab.data.sources import SYNTHETIC, load_source, training_pairs
 from ptxlab.evaluation import evaluate_run
 from ptxlab.inference import Predictions, load_trained_model, predict
-from ptxlab.metrics import score
+from ptxlab.metrics import accumulate
 from ptxlab.postprocess import (
     PostProcessing,
     SearchResult,
@@ -223,15 +223,27 @@ def _finalize(config: Config, data: PreparedData, best_checkpoint: Path, workdir
                           predictions.class_probs)
     tracking.log_artifact(maps_path, artifacts.folder(artifacts.VALIDATION_MAPS))
 
-    chosen = _choose_postprocessing(config, predictions)
-    tracking.log_dict(chosen.to_dict(), artifacts.POSTPROCESS)
-    tracking.log_params({f"chosen.postprocess.{k}": v for k, v in chosen.to_dict().items()})
-    metrics = score(predictions, chosen)
-    tracking.log_metrics({f"best_val_{key}": value for key, value in metrics.items()})
-
+    metrics, chosen = evaluate_validation(config, predictions)
     _log_overlays(config, data.val, predictions, chosen)
     tracking.log_artifact(best_checkpoint, artifacts.folder(artifacts.MODEL))
     return metrics, chosen.to_dict()
+
+
+def evaluate_validation(config: Config, predictions: Predictions
+                        ) -> tuple[dict[str, float], PostProcessing]:
+    """Choose the post-processing on the validation maps, score it, log both (and per-image
+    Dice, for the report's image bootstrap) into the active run: what a training ends with,
+    and what a study's evaluation-only arm does on the maps that training stored."""
+    chosen = _choose_postprocessing(config, predictions)
+    tracking.log_dict(chosen.to_dict(), artifacts.POSTPROCESS)
+    tracking.log_params({f"chosen.postprocess.{k}": v for k, v in chosen.to_dict().items()})
+    scored = accumulate(predictions, chosen)
+    metrics = scored.compute()
+    rows = scored.rows()
+    tracking.log_dict({"ids": [r["id"] for r in rows], "dice": [round(r["dice"], 6) for r in rows]},
+                      artifacts.PER_IMAGE_DICE)
+    tracking.log_metrics({f"best_val_{key}": value for key, value in metrics.items()})
+    return metrics, chosen
 
 
 def _choose_postprocessing(config: Config, predictions: Predictions) -> PostProcessing:

@@ -253,8 +253,13 @@ class MetricAccumulator:
 def score(predictions: Predictions, rule: PostProcessing) -> dict[str, float]:
     """The three metric families of `predictions` (maps, truths, head probabilities) once
     `rule` has made masks of the maps."""
+    return accumulate(predictions, rule).compute()
+
+
+def accumulate(predictions: Predictions, rule: PostProcessing) -> MetricAccumulator:
+    """`score`'s accumulator, whose `rows()` hold the per-image values."""
     head = predictions.class_probs
     accumulator = MetricAccumulator()
     accumulator.update(rule.masks(predictions.probs, head), predictions.truths,
                        image_scores(predictions.probs, head), ids=predictions.ids)
-    return accumulator.compute()
+    return accumulator

@@ -79,3 +79,29 @@ class Noise:
             if self.detectable(expect, n) <= distance:
                 return n
         return None
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def image_bootstrap(a: dict[int, np.ndarray], b: dict[int, np.ndarray],
+                    seed: int = 0) -> tuple[float, float, float] | None:
+    """A - B of a per-image metric, with a 95 % percentile interval from a paired bootstrap
+    over validation images within each repeat: per resample, each shared repeat's images are
+    drawn with replacement (the same draw for A and B: they are the same images), the mean
+    difference taken, and averaged over repeats. Seeds are held fixed, so the interval shows
+    the uncertainty that comes from which images were validated on, not from the seeds.
+    `a`, `b`: per repeat, the per-image values (aligned). None without a shared repeat."""
+    repeats = sorted(set(a) & set(b))
+    if not repeats:
+        return None
+    rng = np.random.default_rng(seed)
+    resampled = np.zeros(BOOTSTRAP_RESAMPLES)
+    differences = [np.asarray(a[r], dtype=np.float64) - np.asarray(b[r], dtype=np.float64)
+                   for r in repeats]
+    for diff in differences:
+        draws = rng.integers(0, len(diff), size=(BOOTSTRAP_RESAMPLES, len(diff)))
+        resampled += np.nanmean(diff[draws], axis=1)
+    resampled /= len(differences)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return float(np.mean([np.nanmean(d) for d in differences])), float(low), float(high)

@@ -24,9 +24,12 @@ to the study's MLflow parent run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,13 @@ from scipy import stats
 
 from ptxlab import artifacts, tracking
 from ptxlab.atomic import write_file
-from ptxlab.noise import MAX_REPEATS, Noise, bounded_interval
+from ptxlab.noise import (
+    BOOTSTRAP_RESAMPLES,
+    MAX_REPEATS,
+    Noise,
+    bounded_interval,
+    image_bootstrap,
+)
 from ptxlab.sweep import (
     Dimension,
     Hypothesis,
@@ -64,6 +73,7 @@ class Result:
     repeat: int
     metrics: dict[str, float | None]
     value: float
+    run_id: str | None = None  # its MLflow child run
 
 
 @dataclass(frozen=True)
@@ -156,7 +166,8 @@ def per_repeat(results: list[Result], metric: str) -> dict[int, float]:
 def collect(study: optuna.Study) -> list[Result]:
     """Complete trials with their logged metrics."""
     return [Result(t.number, dict(t.params), int(t.user_attrs.get("repeat", 0)),
-                   t.user_attrs.get("metrics", {}), float(t.value))
+                   t.user_attrs.get("metrics", {}), float(t.value),
+                   t.user_attrs.get("mlflow_run_id"))
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
@@ -244,6 +255,8 @@ class Verdict:
     detectable: float = math.nan  # inconclusive: see `power`
     repeats_needed: int | None = None
     power: str = ""
+    sides: tuple[list[Result], list[Result]] = ([], [])  # the trials of A and of B
+    images: tuple[float, float, float] | None = None  # see `image_interval`
 
 
 def decide(diff: Estimate, expect: str, margin: float) -> str:
@@ -266,7 +279,7 @@ def _conditions_text(condition: dict) -> str:
 
 def judge_hypothesis(hypothesis: Hypothesis, results: list[Result]) -> Verdict:
     scope = [r for r in results if matches(r.params, hypothesis.where)]
-    sides = []
+    sides, groups = [], []
     for condition in (hypothesis.compare, hypothesis.against):
         group = [r for r in scope if matches(r.params, condition)]
         text = _conditions_text(condition)
@@ -274,10 +287,11 @@ def judge_hypothesis(hypothesis: Hypothesis, results: list[Result]) -> Verdict:
             key, group = best_configuration(group, hypothesis.metric) or ((), [])
             text += f" (best: {_conditions_text(dict(key))})"
         sides.append((per_repeat(group, hypothesis.metric), f"{text}; {len(group)} trials"))
+        groups.append(group)
     (a, a_label), (b, b_label) = sides
     diff = difference(a, b)
     verdict = Verdict(hypothesis, decide(diff, hypothesis.expect, hypothesis.margin), diff, a, b,
-                      a_label, b_label)
+                      a_label, b_label, sides=(groups[0], groups[1]))
     expected = {"greater": f"A - B > {hypothesis.margin:+g}",
                 "less": f"A - B < {-hypothesis.margin:+g}",
                 "equal": f"|A - B| < {hypothesis.margin:g}"}[hypothesis.expect]
@@ -313,6 +327,46 @@ def power(verdict: Verdict) -> None:
         f"with {noise.n} repeats and the observed noise (SD {noise.sd:.4f} per repeat, {side}), "
         f"a true Δ at least {verdict.detectable:.4f} beyond {boundary} is detected with 80 % "
         f"power (minimum detectable effect); for {named}, {target:.4f}, it would take {needed}")
+
+
+def image_interval(verdict: Verdict) -> tuple[float, float, float] | None:
+    """For a hypothesis on per-image Dice whose trials all logged per-image values: A - B with
+    the paired image bootstrap of `noise.image_bootstrap` (per side and repeat, each image's
+    Dice averaged over the side's trials)."""
+    if verdict.hypothesis.metric != "mean_dice" or not all(verdict.sides):
+        return None
+    per_side = []
+    for results in verdict.sides:
+        values = [_per_image_dice(r.run_id) if r.run_id else None for r in results]
+        if any(v is None for v in values):
+            return None  # runs from before per-image values were logged
+        per_side.append(_by_repeat(results, values))
+    ids = sorted(set.intersection(*(set(v) for side in per_side for v in side.values())))
+    if not ids:
+        return None
+    aligned = [{r: np.array([v[i] for i in ids]) for r, v in side.items()} for side in per_side]
+    return image_bootstrap(*aligned)
+
+
+def _by_repeat(results: list[Result], values: list[dict[str, float]]) -> dict[int, dict]:
+    """Per repeat, each image's value averaged over the trials of that repeat."""
+    grouped: dict[int, list[dict[str, float]]] = defaultdict(list)
+    for result, per_image in zip(results, values, strict=True):
+        grouped[result.repeat].append(per_image)
+    return {repeat: {i: float(np.mean([v[i] for v in found if i in v]))
+                     for i in set().union(*found)} for repeat, found in grouped.items()}
+
+
+@lru_cache(maxsize=512)
+def _per_image_dice(run_id: str) -> dict[str, float] | None:
+    client = tracking.configure()
+    if not any(a.path == artifacts.PER_IMAGE_DICE for a in client.list_artifacts(
+            run_id, artifacts.folder(artifacts.PER_IMAGE_DICE))):
+        return None
+    with tempfile.TemporaryDirectory(prefix="ptxlab-report-") as folder:
+        stored = json.loads(tracking.download_artifact(run_id, artifacts.PER_IMAGE_DICE,
+                                                       Path(folder)).read_text())
+    return dict(zip(stored["ids"], stored["dice"], strict=True))
 
 
 def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
@@ -411,6 +465,8 @@ def compose_report(handle: StudyHandle, results: list[Result],
     figures: list[Path] = []
 
     verdicts = [judge_hypothesis(h, results) for h in spec.hypotheses]
+    for verdict in verdicts:
+        verdict.images = image_interval(verdict)
     lines += ["## Hypotheses", ""]
     if not verdicts:
         lines += ["The study file states no hypotheses.", ""]
@@ -484,6 +540,8 @@ def _header(handle: StudyHandle, spec: StudySpec) -> list[str]:
               "repeats (same seed) when both sides have the same ones. Inconclusive hypotheses "
               "say what the noise allows: the minimum detectable effect at 80 % power and the "
               "repeats needed, by the t approximation for the same test (see `ptxlab.noise`). "
+              "Hypotheses on per-image Dice also get a paired bootstrap over the validation "
+              "images within each repeat (seeds held fixed), labelled as such. "
               "Pruned trials are left out, which favours configurations that survive pruning.",
               ""]
     return lines
@@ -502,8 +560,17 @@ def _verdict_lines(verdict: Verdict) -> list[str]:
         f"- B = {verdict.b_label}: per repeat {values(verdict.b)}",
         f"- scope: {_conditions_text(h.where)}; metric {REPORT_METRICS.get(h.metric, h.metric)}"
         f" ({h.aggregate} of the matching configurations)",
-        *([f"- what the noise allows: {verdict.power}"] if verdict.power else []), "",
+        *([f"- what the noise allows: {verdict.power}"] if verdict.power else []),
+        *([_images_line(verdict)] if verdict.images else []), "",
     ]
+
+
+def _images_line(verdict: Verdict) -> str:
+    mean, low, high = verdict.images
+    return (f"- image bootstrap (validation images resampled within each repeat, "
+            f"{BOOTSTRAP_RESAMPLES} times; seeds held fixed): Δ per-image Dice {mean:+.4f}, "
+            f"95 % CI [{low:+.4f}, {high:+.4f}]: the uncertainty from which images were "
+            f"validated on, next to {verdict.difference.interval()} from the seeds (repeats)")
 
 
 def _best_lines(spec: StudySpec, results: list[Result], maximize: bool) -> list[str]:

@@ -231,7 +231,14 @@ def log_dataset(manifest_rows: list[dict], source: str, name: str, digest: str, 
         warnings.simplefilter("ignore", UserWarning)  # schema hints about int columns
         dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest,
                                           targets="positive")
-        mlflow.log_input(dataset, context=context)
+        try:
+            mlflow.log_input(dataset, context=context)
+        except mlflow.exceptions.MlflowException as error:
+            # Two runs registering the same new data set at once (sweep workers): the store's
+            # check-then-insert lets one win; the other links to the row it created.
+            if "UNIQUE constraint" not in str(error) and "duplicate key" not in str(error):
+                raise
+            mlflow.log_input(dataset, context=context)
 
 
 def download_artifact(run_id: str, artifact_path: str, dest: Path | None = None) -> Path:

@@ -268,3 +268,18 @@ def test_an_optimum_on_the_edge_of_the_grid_is_flagged(noisy_study):
     inner = handle.spec.model_copy(update={"objective": handle.spec.objective.model_copy(
         update={"direction": "minimize"})})
     assert "bottom" in edge_optima(inner, collect(handle.study), maximize=False)[0]
+
+
+def test_the_image_bootstrap_resamples_images_within_each_repeat():
+    from ptxlab.noise import image_bootstrap
+
+    rng = np.random.default_rng(1)
+    b = {r: rng.uniform(0, 1, 400) for r in range(3)}
+    a = {r: b[r] + 0.05 + rng.normal(0, 0.1, 400) for r in range(3)}  # +0.05, image SD 0.1
+    mean, low, high = image_bootstrap(a, b)
+    assert mean == pytest.approx(np.mean([np.mean(a[r] - b[r]) for r in range(3)]))
+    half = 1.96 * 0.1 / np.sqrt(400 * 3)  # the mean of 1200 independent differences
+    assert (high - low) / 2 == pytest.approx(half, rel=0.15) and low < mean < high
+    same = image_bootstrap({0: b[0] + 0.02}, {0: b[0]})
+    assert same == pytest.approx((0.02, 0.02, 0.02))  # no image-to-image spread, no interval
+    assert image_bootstrap({0: b[0]}, {1: b[1]}) is None  # no shared repeat

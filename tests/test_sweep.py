@@ -367,3 +367,113 @@ def test_a_random_sampler_queues_the_other_repeats_of_a_configuration(isolated_s
     for repeats in by_threshold.values():
         assert sorted(t.user_attrs["repeat"] for t in repeats) == [0, 1]
         assert repeats[0].value == repeats[1].value  # the same maps twice
+
+
+# --- evaluation-only factors: one training per (training configuration, repeat) --------------
+
+# A training factor (the learning rate) crossed with an evaluation-only one (what the
+# post-processing search optimises): 4 configurations, 2 trainings per repeat.
+LR_X_OBJECTIVE = {**LR_ONLY, "postprocess.objective": {"type": "categorical",
+                                                       "choices": ["pooled_iou", "mean_dice"]}}
+
+
+def trainings_and_arms(parent_run_id: str) -> tuple[list, list]:
+    """The study's child runs that trained (FINISHED ones) and those that scored maps."""
+    runs = child_runs(parent_run_id)
+    trained = [r for r in runs if r.data.tags.get("ptxlab.trial_role") == "train"
+               and r.info.status == "FINISHED"]
+    scored = [r for r in runs if r.data.tags.get("ptxlab.trial_role") == "score"]
+    return trained, scored
+
+
+def check_arms_score_their_training(study: optuna.Study) -> None:
+    """Each training configuration and repeat trained once (counted from MLflow); every arm
+    scored the maps of the training of its own learning rate and repeat, and logged no model."""
+    trained, scored = trainings_and_arms(study.user_attrs["mlflow.parent_run_id"])
+    keys = [(r.data.params["optim.lr"], r.data.tags["ptxlab.repeat"]) for r in trained]
+    assert len(keys) == len(set(keys)) == len({(t.params["optim.lr"], t.user_attrs["repeat"])
+                                               for t in study.trials})
+    by_id = {r.info.run_id: r for r in trained}
+    for arm in scored:
+        training = by_id[arm.data.tags["ptxlab.training_run"]]
+        for key in ("optim.lr", "seed", "data.split_seed"):
+            assert arm.data.params[key] == training.data.params[key]
+        assert arm.data.params["postprocess.objective"] != training.data.params[
+            "postprocess.objective"]
+        assert models(arm) == ["model/postprocess.json"]  # its own chosen rule, no weights
+        assert "best_val_pooled_iou" in arm.data.metrics
+    assert all("model/best.pt" in models(r) for r in trained)
+
+
+def models(run) -> list[str]:
+    return sorted(a.path for a in MlflowClient().list_artifacts(run.info.run_id, "model"))
+
+
+@pytest.mark.slow
+def test_evaluation_only_factors_score_one_training_s_maps(isolated_store):
+    path = write_study(isolated_store, repeats=2, space=LR_X_OBJECTIVE, hypotheses=[
+        {"name": "searching for Dice raises Dice", "metric": "mean_dice",
+         "compare": {"postprocess.objective": "mean_dice"},
+         "against": {"postprocess.objective": "pooled_iou"}}])
+    result = run_sweep(path, workers=2)
+    assert result.worker_failures == []
+    study = load(path.stem, str(isolated_store / "mlruns" / "optuna" / f"{path.stem}.journal"))
+    check_complete_grid(study, expected=8)
+    check_arms_score_their_training(study)
+    assert len(os.listdir(isolated_store / "checkpoints")) == 4  # 2 LRs x 2 repeats trained
+    for arm in (t for t in study.trials if t.user_attrs["ptxlab.role"] == "score"):
+        training = study.trials[arm.user_attrs["training_trial"]]
+        assert arm.intermediate_values == training.intermediate_values
+        assert arm.user_attrs["seed"] == training.user_attrs["seed"]
+
+    report = write_report(str(path), out=isolated_store / "report")
+    text = report.markdown.read_text()
+    assert "### postprocess.objective" in text and "### optim.lr" in text
+    (verdict,) = report.verdicts
+    assert verdict.images is not None and "- image bootstrap (validation images" in text
+    assert {p.name for p in report.figures} >= {"factor_postprocess.objective.png"}
+
+
+@pytest.mark.slow
+def test_a_training_killed_mid_way_loses_no_arm(isolated_store):
+    path = write_study(isolated_store, repeats=1, space=LR_X_OBJECTIVE,
+                       heartbeat={"interval": 1, "grace_period": 6})
+    journal = isolated_store / "mlruns" / "optuna" / f"{path.stem}.journal"
+    worker = subprocess.Popen([sys.executable, "-m", "ptxlab", "sweep", str(path)],
+                              stderr=subprocess.DEVNULL)
+    try:
+        killed = _wait_for_a_trial_mid_training(path.stem, journal, worker)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    study = load(path.stem, str(journal))
+    victim = study.trials[killed]
+    assert victim.user_attrs["ptxlab.role"] == "train"
+    (arm,) = [t for t in study.trials if t.user_attrs["ptxlab.role"] == "score"
+              and t.user_attrs["ptxlab.training"] == victim.user_attrs["ptxlab.training"]]
+    assert arm.state == TrialState.WAITING  # queued until its training's maps exist
+
+    result = run_sweep(path)  # the command again
+
+    study = load(path.stem, str(journal))
+    check_complete_grid(study, expected=4)
+    check_arms_score_their_training(study)
+    assert (result.counts.complete, result.counts.retried, result.counts.failed) == (4, 1, 0)
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    arm = study.trials[arm.number]
+    assert arm.state == TrialState.COMPLETE and arm.user_attrs["training_trial"] == retry.number
+
+
+@pytest.mark.slow
+def test_a_random_sampler_shares_trainings_between_sampled_configurations(isolated_store):
+    path = write_study(isolated_store, repeats=1, n_trials=5, space=LR_X_OBJECTIVE,
+                       sampler={"type": "random", "seed": 1}, hypotheses=[])
+    run_sweep(path)
+    study = load(path.stem, str(isolated_store / "mlruns" / "optuna" / f"{path.stem}.journal"))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
+    trained, scored = trainings_and_arms(study.user_attrs["mlflow.parent_run_id"])
+    assert len(trained) == len({t.params["optim.lr"] for t in study.trials}) == 2
+    assert len(scored) == 3
+    lr_of = {r.info.run_id: r.data.params["optim.lr"] for r in trained}
+    assert all(lr_of[r.data.tags["ptxlab.training_run"]] == r.data.params["optim.lr"]
+               for r in scored)

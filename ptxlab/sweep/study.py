@@ -48,6 +48,11 @@ FINGERPRINT_ATTR = "ptxlab.fingerprint"
 EXPERIMENT_ATTR = "mlflow.experiment"
 READY_ATTR = "ptxlab.ready"
 READY_WAIT_S = 120
+# Trial user attrs of a mode train study, besides `repeat`: what identifies the trial's
+# training (`StudySpec.training_key`) and whether the trial trains it or scores its maps.
+TRAINING_ATTR = "ptxlab.training"
+ROLE_ATTR = "ptxlab.role"
+TRAIN, SCORE = "train", "score"
 
 
 @dataclass
@@ -157,9 +162,16 @@ def _initialise(study: optuna.Study, loaded: StudyFile, url: str) -> dict[str, A
     if spec.sampler.type == "grid":
         shuffle = random.Random(spec.sampler.seed)
         configurations = spec.configurations()
+        trained: set[tuple[str, int]] = set()
         for repeat in range(spec.repeats):
             for params in shuffle.sample(configurations, len(configurations)):
-                study.enqueue_trial(params, user_attrs={"repeat": repeat})
+                attrs: dict[str, Any] = {"repeat": repeat}
+                if spec.mode == "train":  # the first of a training's trials trains it
+                    key = spec.training_key(params)
+                    attrs.update({TRAINING_ATTR: key,
+                                  ROLE_ATTR: SCORE if (key, repeat) in trained else TRAIN})
+                    trained.add((key, repeat))
+                study.enqueue_trial(params, user_attrs=attrs)
     study.set_user_attr(READY_ATTR, True)
     return definition
 

@@ -1,5 +1,5 @@
 """The worker: takes the study's trials one at a time, keeps each one's heartbeat, and trains
-(or post-processes) and scores it as a child run of the study's parent run."""
+(or scores stored maps) and records it as a child run of the study's parent run."""
 
 from __future__ import annotations
 
@@ -19,12 +19,22 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ptxlab import tracking
+from ptxlab.config import Config
+from ptxlab.experiment import evaluate_validation, run_experiment
 from ptxlab.metrics import score
 from ptxlab.sweep.runs import finish_child_run, set_parent_status
 from ptxlab.sweep.source_runs import validation_predictions
 from ptxlab.sweep.storage import StaleTrialHandler
-from ptxlab.sweep.study import StudyHandle, Tally, tally
+from ptxlab.sweep.study import (
+    ROLE_ATTR,
+    SCORE,
+    TRAINING_ATTR,
+    StudyHandle,
+    Tally,
+    tally,
+)
 from ptxlab.sweep.study_file import Label, build_config, build_postprocessing
+from ptxlab.sweep.trainings import ready, role_of_new, training_of
 from ptxlab.train import StopTraining, TrainingCallbacks
 
 
@@ -114,11 +124,12 @@ class Worker:
                 self._run_trial(trial)
                 continue
             counts = tally(study.get_trials(deepcopy=False))
-            if counts.running:
-                time.sleep(self.poll_s)  # trials elsewhere may still fail and need a retry
-            elif not counts.waiting or counts.finished >= self.budget:
+            if not counts.running and (not counts.waiting or counts.finished >= self.budget):
                 reason = "done"
                 break
+            # Trials elsewhere may still fail and need a retry; queued arms wait for their
+            # training's maps (or for a killed training's retry to be queued).
+            time.sleep(self.poll_s)
         counts = tally(study.get_trials(deepcopy=False))
         if not counts.running:
             set_parent_status(self.handle.parent_run_id, "FINISHED")
@@ -140,9 +151,14 @@ class Worker:
         return None
 
     def _pop_waiting(self) -> int | None:
-        """Atomically claim the first WAITING trial (the storage lets one worker win)."""
+        """Atomically claim the first WAITING trial that can start now (the storage lets one
+        worker win); an arm whose training is still pending is left for later."""
         storage = self.handle.storage
-        for frozen in self.handle.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trials = self.handle.study.get_trials(deepcopy=False)
+        for frozen in trials:
+            if frozen.state != TrialState.WAITING or not ready(frozen, trials,
+                                                                self.spec.heartbeat):
+                continue
             trial_id = self.handle.trial_id(frozen.number)
             try:
                 if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
@@ -188,9 +204,11 @@ class Worker:
         repeat = trial.user_attrs.get("repeat")
         if repeat is None:  # a freshly sampled configuration: queue its other repeats
             repeat = 0
-            trial.set_user_attr("repeat", 0)
+            for name, value in self._new_trial_attrs(params, 0, started=True).items():
+                trial.set_user_attr(name, value)
             for other in range(1, self.spec.repeats):
-                self.handle.study.enqueue_trial(params, user_attrs={"repeat": other})
+                self.handle.study.enqueue_trial(
+                    params, user_attrs=self._new_trial_attrs(params, other, started=False))
         trial.set_user_attr("worker", self.name)
         system_attrs = self.handle.storage.get_trial(self.handle.trial_id(trial.number)).system_attrs
         tags = {"ptxlab.study": self.spec.name, "optuna.study": self.spec.name,
@@ -202,12 +220,27 @@ class Worker:
         run_name = f"{self.spec.name}-{trial.number:04d}"
         if self.spec.mode == "postprocess":
             return self._postprocess(trial, params, repeat, tags, run_name)
-        return self._train(trial, params, repeat, tags, run_name)
+        role = trial.user_attrs.get(ROLE_ATTR)
+        if role:
+            tags["ptxlab.trial_role"] = role
+        config = self._trial_config(trial.number, params, repeat, run_name)
+        if role == SCORE:
+            return self._score_maps(trial, config, tags)
+        return self._train(trial, config, tags)
 
-    def _train(self, trial: Trial, params: dict[str, Label], repeat: int, tags: dict[str, str],
-               run_name: str) -> float:
-        from ptxlab.experiment import run_experiment
+    def _new_trial_attrs(self, params: dict[str, Label], repeat: int,
+                         started: bool) -> dict[str, object]:
+        """User attrs of a sampled configuration's trial for `repeat`: with its training and
+        role in a mode train study."""
+        if self.spec.mode != "train":
+            return {"repeat": repeat}
+        key = self.spec.training_key(params)
+        trials = self.handle.study.get_trials(deepcopy=False)
+        role = role_of_new(trials, key, repeat, self.spec.heartbeat, started)
+        return {"repeat": repeat, TRAINING_ATTR: key, ROLE_ATTR: role}
 
+    def _trial_config(self, number: int, params: dict[str, Label], repeat: int,
+                      run_name: str) -> Config:
         base = self.handle.base_config
         fixed = self.spec.overrides_for(params)
         # Repeats vary the training seed on one validation split: the base config's, unless
@@ -216,7 +249,9 @@ class Worker:
         overrides = {**fixed, "seed": base["seed"] + repeat,
                      "data.split_seed": base["seed"] if split_seed is None else split_seed,
                      "tracking.run_name": run_name, "tracking.experiment": self.handle.experiment}
-        config = build_config(base, overrides, f"trial {trial.number}")
+        return build_config(base, overrides, f"trial {number}")
+
+    def _train(self, trial: Trial, config: Config, tags: dict[str, str]) -> float:
         trial.set_user_attr("seed", config.seed)
         reporter = _TrialReporter(trial, self.spec.pruner.metric)
         summary = run_experiment(config, parent_run_id=self.handle.parent_run_id, tags=tags,
@@ -228,6 +263,40 @@ class Worker:
         if reporter.pruned:
             raise optuna.TrialPruned(reporter.pruned)
         return self._score(summary.metrics)
+
+    def _score_maps(self, trial: Trial, config: Config, tags: dict[str, str]) -> float:
+        """An evaluation arm: the post-processing of `config` chosen and scored on the stored
+        validation maps of its training, which another trial ran."""
+        training = training_of(self.handle.study.get_trials(deepcopy=False),
+                               trial.user_attrs[TRAINING_ATTR], trial.user_attrs["repeat"],
+                               self.spec.heartbeat)
+        source = training.trial
+        if training.state != "done":
+            why = (source.user_attrs.get("fail_reason", "killed, no retries left") if source
+                   else "no trial trains it")
+            raise RuntimeError(f"its training failed ({why})" + (
+                f" in trial {source.number}" if source else ""))
+        run_id = source.user_attrs["mlflow_run_id"]
+        predictions, _ = validation_predictions(run_id)
+        with tracking.open_run(self.handle.experiment, config.tracking.run_name,
+                               parent_run_id=self.handle.parent_run_id,
+                               tags={**tags, "ptxlab.training_run": run_id,
+                                     "ptxlab.training_trial": str(source.number)},
+                               system_metrics=False) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            tracking.log_params(config.flat())
+            metrics, _ = evaluate_validation(config, predictions)
+        for step, value in sorted(source.intermediate_values.items()):
+            trial.report(value, step)  # the curve of the training these maps come from
+        for name in ("seed", "epochs_trained", "stopped_by"):
+            if name in source.user_attrs:
+                trial.set_user_attr(name, source.user_attrs[name])
+        trial.set_user_attr("training_trial", source.number)
+        trial.set_user_attr("metrics", _finite(metrics))
+        if source.state == TrialState.PRUNED:
+            raise optuna.TrialPruned(f"its training (trial {source.number}) was pruned after "
+                                     f"epoch {source.user_attrs.get('epochs_trained')}")
+        return self._score(metrics)
 
     def _postprocess(self, trial: Trial, params: dict[str, Label], repeat: int,
                      tags: dict[str, str], run_name: str) -> float:
