@@ -1,10 +1,12 @@
 """The command line: help for every command, one-line errors, and `ptxlab ui` really serving."""
 
+import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -12,8 +14,17 @@ from typer.testing import CliRunner
 from ptxlab.cli import app
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["run", "sweep", "report", "evaluate", "predict", "ui", "config", "data", "weights",
             "augment"]
+
+
+def _registered(typer_app) -> dict[str, list[str]]:
+    """Command name -> its subcommands ([] for a plain command), as the app dispatches them."""
+    commands = {info.name: [] for info in typer_app.registered_commands}
+    for group in typer_app.registered_groups:
+        commands[group.name] = [info.name for info in group.typer_instance.registered_commands]
+    return commands
 
 
 def test_top_level_help_lists_every_command():
@@ -21,6 +32,18 @@ def test_top_level_help_lists_every_command():
     assert result.exit_code == 0
     for command in COMMANDS:
         assert command in result.output
+    # The app dispatches exactly these commands, each documented in the README's table, and
+    # each defined in its own module under ptxlab/cli/ (one file per command group).
+    registered = _registered(app)
+    assert sorted(registered) == sorted(COMMANDS)
+    readme = (REPO / "README.md").read_text()
+    for command, subcommands in registered.items():
+        for sub in subcommands or [""]:
+            assert re.search(rf"`ptxlab {command}{' ' + sub if sub else ''}\b", readme), (
+                f"README documents no `ptxlab {command} {sub}`")
+    modules = {path.stem for path in (REPO / "ptxlab" / "cli").glob("*.py")}
+    assert set(COMMANDS) <= modules
+    assert modules - set(COMMANDS) == {"__init__", "errors", "options"}
 
 
 @pytest.mark.parametrize("command", [["run"], ["sweep"], ["report"], ["evaluate"], ["predict"],
@@ -52,6 +75,7 @@ def test_run_help_names_its_options():
         (["config", "show", "--set", "model.arch=SegFormer"], "model.arch: got 'SegFormer'"),
     ],
 )
+@pytest.mark.slow
 def test_errors_are_one_line_with_exit_2(args, message, isolated_store):
     result = subprocess.run([sys.executable, "-m", "ptxlab", *args], capture_output=True,
                             text=True, timeout=120)

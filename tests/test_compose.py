@@ -300,6 +300,7 @@ def test_postgres_creates_both_databases_on_first_start_and_has_a_healthcheck(co
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
 
 
+@pytest.mark.slow
 @pytest.mark.service
 def test_postgres_init_script_creates_the_databases_and_can_run_again():
     """Runs the init script twice against a throwaway PostgreSQL cluster, as its owner would."""
@@ -555,6 +556,7 @@ def claim_gpu(tmp_path, dockerfile_text):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_gpu_claim_gives_each_worker_its_own_gpu_until_none_is_left(claim_gpu):
     hold, run, release = claim_gpu
     assert {hold("first"), hold("second")} == {"0", "1"}
@@ -565,12 +567,14 @@ def test_gpu_claim_gives_each_worker_its_own_gpu_until_none_is_left(claim_gpu):
     assert run().stdout.strip() == "0"
 
 
+@pytest.mark.slow
 def test_gpu_claim_keeps_a_choice_made_by_the_caller(claim_gpu):
     hold, run, _ = claim_gpu
     assert hold("pinned", {"CUDA_VISIBLE_DEVICES": "1"}) == "1"
     assert run().stdout.strip() == "0"
 
 
+@pytest.mark.slow
 def test_gpu_claim_runs_the_command_unchanged_without_a_gpu_runtime(claim_gpu):
     _, run, _ = claim_gpu
     system_path = "/usr/bin:/bin"
@@ -614,6 +618,8 @@ def compose_config(env_file: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
+@pytest.mark.service
 def test_docker_compose_renders_the_stack_from_env_example():
     rendered = compose_config(ENV_EXAMPLE)
     assert rendered.returncode == 0, rendered.stderr
@@ -625,6 +631,8 @@ def test_docker_compose_renders_the_stack_from_env_example():
     assert devices[0]["driver"] == "nvidia"
 
 
+@pytest.mark.slow
+@pytest.mark.service
 def test_docker_compose_refuses_to_render_without_credentials(tmp_path):
     empty_env = tmp_path / "empty.env"
     empty_env.write_text("")

@@ -80,6 +80,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(isolated_store):
         whole_run.data.metrics["best_val_pooled_iou"], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_new_config(isolated_store):
     result = subprocess.run([sys.executable, "-m", "ptxlab", "run", "--resume", "abc",
                              "--set", "train.epochs=3"], capture_output=True, text=True)

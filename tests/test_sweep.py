@@ -115,6 +115,8 @@ make_storage(url, HeartbeatSpec())
 """
 
 
+@pytest.mark.slow
+@pytest.mark.service
 def test_workers_starting_together_on_a_new_database_all_open_it(postgres):
     """Optuna creates its tables on first use; unguarded, most of 4 simultaneous first uses
     fail on PostgreSQL with a duplicate pg_type row (9 of 12 in a trial here)."""
