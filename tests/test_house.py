@@ -4,13 +4,8 @@ in ptxlab/ longer than 60 lines. Both read the source with `ast`; nothing is imp
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "ptxlab"
 MAX_FUNCTION_LINES = 60
-# ptxlab/train.py:train is being reshaped into named steps (issue 16, point 2); until then it
-# is the one function allowed past the limit.
-TOO_LONG_FOR_NOW = {"ptxlab/train.py:train"}
 
 
 def module_name(path: Path) -> str:
@@ -114,15 +109,8 @@ def function_lengths() -> dict[str, int]:
 
 
 def test_no_function_is_longer_than_60_lines():
-    too_long = {name: n for name, n in function_lengths().items()
-                if n > MAX_FUNCTION_LINES and name not in TOO_LONG_FOR_NOW}
+    too_long = {name: n for name, n in function_lengths().items() if n > MAX_FUNCTION_LINES}
     assert too_long == {}
-
-
-@pytest.mark.xfail(reason="train.py:train awaits its restructure into named steps", strict=False)
-def test_train_is_within_60_lines_too():
-    lengths = function_lengths()
-    assert all(lengths.get(name, 0) <= MAX_FUNCTION_LINES for name in TOO_LONG_FOR_NOW)
 
 
 def readme_tree() -> set[str]:
