@@ -15,6 +15,10 @@ studies read them back by the same names:
     validation/gate_search.json        grid-search table of the image-level gate
     plots/learning_curves.png, plots/postprocess_search.png, plots/validation_overlays.png
     evaluation/<name>/                 what `ptxlab evaluate` logged (see `evaluation_file`)
+
+and logs the best model as an MLflow model (a LoggedModel, stored apart from the run's
+artifacts) named LOGGED_MODEL: `runs:/<run id>/segmenter`, `models:/<model id>`. Its files
+`artifacts/best.pt` and `artifacts/postprocess.json` are copies of MODEL and POSTPROCESS.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ SPLIT = "data/split.json"
 SKIPPED = "data/skipped.txt"
 MODEL = "model/best.pt"
 POSTPROCESS = "model/postprocess.json"
+LOGGED_MODEL = "segmenter"
+LOGGED_MODEL_CHECKPOINT = "artifacts/best.pt"  # inside the logged model's folder
+LOGGED_MODEL_POSTPROCESS = "artifacts/postprocess.json"
 VALIDATION_MAPS = "validation/val_probabilities.npz"
 POSTPROCESS_SEARCH = "validation/postprocess_search.json"
 GATE_SEARCH = "validation/gate_search.json"

@@ -137,15 +137,16 @@ def _thumbnails(image: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[
     }
 
 
-def evaluate_run(run_id: str, data: Path, layout: str = "auto", tta: str = "none",
+def evaluate_run(reference: str, data: Path, layout: str = "auto", tta: str = "none",
                  name: str | None = None, batch_size: int = 8, gallery_size: int = GALLERY_SIZE,
                  progress: bool = True) -> Evaluation:
-    """Score run `run_id` on the data set at `data` and log the results into the run."""
+    """Score a run's model (a run id or model URI, see `load_run`) on the data set at `data` and
+    log the results into the run that trained it."""
     check_tta(tta)
     name = artifacts.safe_name(name) if name else default_name(data, tta)
     cases = load_cases(Path(data), layout)
     with_sites = any(case.site for case in cases)
-    run = load_run(run_id)
+    run = load_run(reference)
     accumulator = MetricAccumulator()
     worst = WorstCases(gallery_size)
     for result in predict_native(run, cases, read_pair, batch_size, tta, progress):
@@ -156,7 +157,7 @@ def evaluate_run(run_id: str, data: Path, layout: str = "auto", tta: str = "none
     rows = [{column: row["group" if column == "site" else column] for column in PER_IMAGE_COLUMNS}
             for row in accumulator.rows()]
     evaluation = Evaluation(
-        run_id=run_id, name=name, data=str(data), layout=layout, tta=tta,
+        run_id=run.run_id, name=name, data=str(data), layout=layout, tta=tta,
         image_size=run.config.data.image_size, postprocess=run.postprocess.to_dict(),
         metrics=accumulator.compute(),
         per_site=accumulator.per_group() if with_sites else {},

@@ -6,6 +6,7 @@ nothing of MLflow; this module wires them to `tracking`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ptxlab.data.sources import SYNTHETIC, load_source, training_pairs
 from ptxlab.evaluation import evaluate_run
 from ptxlab.inference import Predictions, load_trained_model, predict
 from ptxlab.metrics import accumulate
+from ptxlab.mlflow_model import log_model
 from ptxlab.postprocess import (
     PostProcessing,
     SearchResult,
@@ -98,12 +100,18 @@ def _log_inputs(config: Config, config_text: str | None, data: PreparedData) -> 
     if data.skipped:
         tracking.log_text("\n".join(f"{c.image}: {p}" for c, p in data.skipped), artifacts.SKIPPED)
     tracking.log_metrics({"data_skipped": len(data.skipped)})
+    for context in ("training", "validation"):
+        tracking.log_dataset(_dataset_input(config, data, context), context)
+
+
+def _dataset_input(config: Config, data: PreparedData, context: str):
+    """The training or validation split as an MLflow dataset (case manifest, content digest)."""
     source = config.data.source
     name = SYNTHETIC if source == SYNTHETIC else Path(source).name
-    for context, dataset in (("training", data.train), ("validation", data.val)):
-        rows = [{"case_id": c.case_id, "positive": int(c.positive), "site": c.site}
-                for c in dataset.cases]
-        tracking.log_dataset(rows, source, f"{name}-{context}", data.digest, context)
+    dataset = data.train if context == "training" else data.val
+    rows = [{"case_id": c.case_id, "positive": int(c.positive), "site": c.site}
+            for c in dataset.cases]
+    return tracking.dataset(rows, source, f"{name}-{context}", data.digest)
 
 
 def run_experiment(
@@ -223,17 +231,24 @@ def _finalize(config: Config, data: PreparedData, best_checkpoint: Path, workdir
                           predictions.class_probs)
     tracking.log_artifact(maps_path, artifacts.folder(artifacts.VALIDATION_MAPS))
 
-    metrics, chosen = evaluate_validation(config, predictions)
+    def log_best_model(chosen: PostProcessing) -> dict:
+        """The logged model and validation data that the best_val_* metrics describe."""
+        return {"model_id": log_model(best_checkpoint, chosen.to_dict(), config, workdir),
+                "dataset": _dataset_input(config, data, "validation")}
+
+    metrics, chosen = evaluate_validation(config, predictions, log_best_model)
     _log_overlays(config, data.val, predictions, chosen)
     tracking.log_artifact(best_checkpoint, artifacts.folder(artifacts.MODEL))
     return metrics, chosen.to_dict()
 
 
-def evaluate_validation(config: Config, predictions: Predictions
+def evaluate_validation(config: Config, predictions: Predictions,
+                        link_metrics: Callable[[PostProcessing], dict] | None = None
                         ) -> tuple[dict[str, float], PostProcessing]:
     """Choose the post-processing on the validation maps, score it, log both (and per-image
     Dice, for the report's image bootstrap) into the active run: what a training ends with,
-    and what a study's evaluation-only arm does on the maps that training stored."""
+    and what a study's evaluation-only arm does on the maps that training stored.
+    `link_metrics(chosen)` gives the model_id and dataset the metrics are logged against."""
     chosen = _choose_postprocessing(config, predictions)
     tracking.log_dict(chosen.to_dict(), artifacts.POSTPROCESS)
     tracking.log_params({f"chosen.postprocess.{k}": v for k, v in chosen.to_dict().items()})
@@ -242,7 +257,8 @@ def evaluate_validation(config: Config, predictions: Predictions
     rows = scored.rows()
     tracking.log_dict({"ids": [r["id"] for r in rows], "dice": [round(r["dice"], 6) for r in rows]},
                       artifacts.PER_IMAGE_DICE)
-    tracking.log_metrics({f"best_val_{key}": value for key, value in metrics.items()})
+    linked = link_metrics(chosen) if link_metrics else {}
+    tracking.log_metrics({f"best_val_{key}": value for key, value in metrics.items()}, **linked)
     return metrics, chosen
 
 

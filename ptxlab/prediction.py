@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ptxlab import artifacts, tracking
+from ptxlab import tracking
 from ptxlab.augment import build_eval_transform
 from ptxlab.config import Config
 from ptxlab.data.cache import resize_image
@@ -84,22 +84,12 @@ def check_tta(tta: str) -> None:
         raise ValueError(f"--tta {tta!r}: allowed {', '.join(TTA_MODES)}")
 
 
-def load_run(run_id: str, device: torch.device | None = None) -> TrainedRun:
-    """The best model, config and chosen post-processing that training logged in `run_id`."""
-    client = tracking.configure()
-    try:
-        client.get_run(run_id)
-    except Exception as error:  # MLflow's own exception type; this module does not import MLflow
-        detail = " ".join(str(error).split())[:200]
-        raise ValueError(f"run {run_id}: not found in the tracking store ({detail})") from None
-    logged = {info.path for info in client.list_artifacts(run_id, artifacts.folder(artifacts.MODEL))}
-    for artifact in (artifacts.MODEL, artifacts.POSTPROCESS):
-        if artifact not in logged:
-            raise FileNotFoundError(f"run {run_id}: no {artifact} logged (did training finish?)")
+def load_run(reference: str, device: torch.device | None = None) -> TrainedRun:
+    """The best model, config and chosen post-processing of a run id or an MLflow model URI
+    (`runs:/…`, `models:/<model id>`, `models:/<name>/<version>`, `models:/<name>@<alias>`)."""
     device = device or select_device("auto")
     with tempfile.TemporaryDirectory(prefix="ptxlab-run-") as folder:
-        checkpoint = tracking.download_artifact(run_id, artifacts.MODEL, Path(folder))
-        rule = tracking.download_artifact(run_id, artifacts.POSTPROCESS, Path(folder))
+        run_id, checkpoint, rule = tracking.model_files(reference, Path(folder))
         model, config = load_trained_model(checkpoint, device)
         postprocess = PostProcessing.from_dict(json.loads(rule.read_text()))
     return TrainedRun(run_id, model, config, postprocess, device)

@@ -25,6 +25,14 @@ from mlflow.tracking import MlflowClient
 
 import ptxlab
 from ptxlab import environment
+from ptxlab.artifacts import (
+    LOGGED_MODEL_CHECKPOINT,
+    LOGGED_MODEL_POSTPROCESS,
+    MODEL,
+    POSTPROCESS,
+    file_name,
+    folder,
+)
 from ptxlab.train import TrainingCallbacks
 
 STORE_DIR = "mlruns"
@@ -33,6 +41,8 @@ FAILURE_TAG = "ptxlab.failure"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 for _noisy in ("alembic", "mlflow"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
+# MLflow's schema hint for integer columns of the case manifests (which have no missing values).
+warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
 
 
 def local_store() -> Path:
@@ -213,32 +223,36 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path)
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(metrics: dict[str, float], step: int | None = None, model_id: str | None = None,
+                dataset=None) -> None:
+    """Finite metrics into the active run; with `model_id` (and `dataset`) linked to that
+    logged model (and the data set it was measured on)."""
     finite = {k: float(v) for k, v in metrics.items() if v == v}  # NaN is not logged
-    mlflow.log_metrics(finite, step=step)
+    mlflow.log_metrics(finite, step=step, model_id=model_id, dataset=dataset)
 
 
 def set_tags(tags: dict[str, Any]) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
-def log_dataset(manifest_rows: list[dict], source: str, name: str, digest: str, context: str):
-    """Register the data set as a run input (MLflow's dataset lineage) with a content digest."""
+def dataset(manifest_rows: list[dict], source: str, name: str, digest: str):
+    """A data set's case manifest as an MLflow dataset with a content digest."""
     import pandas as pd
 
-    frame = pd.DataFrame(manifest_rows)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # schema hints about int columns
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest,
-                                          targets="positive")
-        try:
-            mlflow.log_input(dataset, context=context)
-        except mlflow.exceptions.MlflowException as error:
-            # Two runs registering the same new data set at once (sweep workers): the store's
-            # check-then-insert lets one win; the other links to the row it created.
-            if "UNIQUE constraint" not in str(error) and "duplicate key" not in str(error):
-                raise
-            mlflow.log_input(dataset, context=context)
+    return mlflow.data.from_pandas(pd.DataFrame(manifest_rows), source=source, name=name,
+                                   digest=digest, targets="positive")
+
+
+def log_dataset(dataset, context: str) -> None:
+    """Register the data set as a run input (MLflow's dataset lineage)."""
+    try:
+        mlflow.log_input(dataset, context=context)
+    except mlflow.exceptions.MlflowException as error:
+        # Two runs registering the same new data set at once (sweep workers): the store's
+        # check-then-insert lets one win; the other links to the row it created.
+        if "UNIQUE constraint" not in str(error) and "duplicate key" not in str(error):
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def download_artifact(run_id: str, artifact_path: str, dest: Path | None = None) -> Path:
@@ -247,6 +261,36 @@ def download_artifact(run_id: str, artifact_path: str, dest: Path | None = None)
     dest = dest or Path(tempfile.mkdtemp(prefix="ptxlab-"))
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
                                                     dst_path=str(dest)))
+
+
+def model_files(reference: str, dest: Path) -> tuple[str, Path, Path]:
+    """(run id, checkpoint, post-processing rule) of a trained model, downloaded into `dest`.
+
+    `reference` is a run id, `runs:/<run id>/<name>`, `models:/<model id>`,
+    `models:/<registered name>/<version>` or `models:/<registered name>@<alias>`.
+    """
+    client = configure()
+    try:
+        if not reference.startswith(("runs:/", "models:/")):
+            client.get_run(reference)
+            logged = {i.path for i in client.list_artifacts(reference, folder(MODEL))}
+            for artifact in (MODEL, POSTPROCESS):
+                if artifact not in logged:
+                    raise FileNotFoundError(
+                        f"run {reference}: no {artifact} logged (did training finish?)")
+            return (reference, download_artifact(reference, MODEL, dest),
+                    download_artifact(reference, POSTPROCESS, dest))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference,
+                                                         dst_path=str(dest)))
+    except mlflow.exceptions.MlflowException as error:
+        detail = " ".join(str(error).split())[:200]
+        raise ValueError(f"{reference}: not found in the tracking store ({detail})") from None
+    if (local / file_name(MODEL)).is_file():  # runs:/<id>/model, the run's plain files
+        return reference.split("/")[1], local / file_name(MODEL), local / file_name(POSTPROCESS)
+    if not (local / LOGGED_MODEL_CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{reference}: not a ptxlab model (no {LOGGED_MODEL_CHECKPOINT})")
+    run_id = mlflow.models.Model.load(str(local)).run_id
+    return run_id, local / LOGGED_MODEL_CHECKPOINT, local / LOGGED_MODEL_POSTPROCESS
 
 
 def logged_steps(run_id: str, key: str) -> set[int]:

@@ -43,7 +43,7 @@ def evaluate(
         print(json.dumps(evaluation.summary()))
         return
     Console().print(_metrics_table(evaluation))
-    print(f"logged into run {run_id}: metrics {evaluation.name}_*, "
+    print(f"logged into run {evaluation.run_id}: metrics {evaluation.name}_*, "
           f"artifacts evaluation/{evaluation.name}/")
 
 

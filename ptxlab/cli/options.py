@@ -9,8 +9,10 @@ import typer
 
 from ptxlab.vocabulary import LAYOUT_CHOICES, TTA_MODES, spoken
 
-RunIdArg = Annotated[str, typer.Argument(help="MLflow run id of a finished training run.",
-                                         show_default=False)]
+RunIdArg = Annotated[str, typer.Argument(
+    help="A finished training run's id, or its MLflow model: runs:/<run id>/segmenter, "
+         "models:/<model id>, models:/<registered name>/<version> or models:/<name>@<alias>.",
+    show_default=False)]
 TtaOption = Annotated[str, typer.Option("--tta", help=f"Test-time augmentation: {spoken(TTA_MODES)}.")]
 LayoutOption = Annotated[str, typer.Option(
     "--layout", help=f"{spoken(LAYOUT_CHOICES)}.")]
