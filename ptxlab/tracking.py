@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 import ptxlab
 from ptxlab import environment
 from ptxlab.artifacts import (
+    LOGGED_MODEL,
     LOGGED_MODEL_CHECKPOINT,
     LOGGED_MODEL_POSTPROCESS,
     MODEL,
@@ -42,7 +43,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 for _noisy in ("alembic", "mlflow"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 # MLflow's schema hint for integer columns of the case manifests (which have no missing values).
-warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
+warnings.filterwarnings("ignore", ".*Hint: Inferred schema contains integer", UserWarning)
 
 
 def local_store() -> Path:
@@ -291,6 +292,22 @@ def model_files(reference: str, dest: Path) -> tuple[str, Path, Path]:
         raise FileNotFoundError(f"{reference}: not a ptxlab model (no {LOGGED_MODEL_CHECKPOINT})")
     run_id = mlflow.models.Model.load(str(local)).run_id
     return run_id, local / LOGGED_MODEL_CHECKPOINT, local / LOGGED_MODEL_POSTPROCESS
+
+
+def register_model(run_id: str, name: str, tags: dict[str, str], alias: str) -> int:
+    """Register run `run_id`'s logged model as a new version of `name`, tagged, with `alias`
+    moved to it; returns the version."""
+    client = configure()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = mlflow.search_logged_models(
+        experiment_ids=[experiment_id], output_format="list",
+        filter_string=f"source_run_id = '{run_id}' AND name = '{LOGGED_MODEL}'")
+    if not found:
+        raise FileNotFoundError(f"run {run_id}: no logged model {LOGGED_MODEL!r} (trained "
+                                "before ptxlab logged MLflow models?)")
+    version = mlflow.register_model(f"models:/{found[0].model_id}", name, tags=tags)
+    client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
 
 
 def logged_steps(run_id: str, key: str) -> set[int]:

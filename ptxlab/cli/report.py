@@ -9,6 +9,7 @@ import typer
 
 from ptxlab.cli.errors import fail_cleanly
 from ptxlab.cli.options import StorageOption
+from ptxlab.cli.registry import RegisterOption, register_best_model
 
 
 def report(
@@ -16,6 +17,7 @@ def report(
     storage: StorageOption = None,
     out: Annotated[Path | None, typer.Option(
         help="Output folder (default: mlruns/reports/<study>).", show_default=False)] = None,
+    register: RegisterOption = None,
 ) -> None:
     """Effects with 95 % CIs over repeats, importances, best configuration and hypothesis
     verdicts of a study, as Markdown + PNG, also logged to the study's MLflow parent run."""
@@ -27,3 +29,5 @@ def report(
     for verdict in result.verdicts:
         print(f"{verdict.verdict:>13}: {verdict.hypothesis.name} ({verdict.summary})")
     print(f"logged to MLflow parent run {result.parent_run_id} under report/")
+    if register:
+        register_best_model(study, storage, register)

@@ -10,6 +10,7 @@ import typer
 
 from ptxlab.cli.errors import fail_cleanly
 from ptxlab.cli.options import StorageOption
+from ptxlab.cli.registry import RegisterOption, register_best_model
 
 
 def sweep(
@@ -34,6 +35,7 @@ def sweep(
     train_images: Annotated[int | None, typer.Option(
         min=1, help="With --plan: training-set size when the data source is not on this host.",
         show_default=False)] = None,
+    register: RegisterOption = None,
 ) -> None:
     """Run (create, join or resume) an Optuna study; each trial is a child MLflow run."""
     if plan:
@@ -59,6 +61,8 @@ def sweep(
     if result.worker_failures and result.unfinished:
         print("run the command again to finish the study")
         raise typer.Exit(3)
+    if register:
+        register_best_model(name or str(study), storage, register)
 
 
 def _print_plan(study: Path, name: str | None, as_json: bool, step_ms: float | None,

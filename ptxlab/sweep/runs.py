@@ -20,7 +20,7 @@ from ptxlab.sweep.study_file import Dimension, StudyFile
 PARENT_ATTR = "mlflow.parent_run_id"  # study user attr: the id of its MLflow parent run
 
 
-def _child_run_ids(parent_run_id: str, trial_number: int) -> list[str]:
+def child_run_ids(parent_run_id: str, trial_number: int) -> list[str]:
     """Child runs of the study's parent run made for one trial number."""
     client = tracking.configure()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
@@ -35,7 +35,7 @@ def finish_child_run(parent_run_id: str, trial_number: int, state: str, reason: 
                      status: str | None = None) -> None:
     """Tag a trial's child run(s) with the trial's final state and why; optionally set status."""
     client = tracking.configure()
-    for run_id in _child_run_ids(parent_run_id, trial_number):
+    for run_id in child_run_ids(parent_run_id, trial_number):
         client.set_tag(run_id, "optuna.state", state)
         if reason:
             client.set_tag(run_id, "ptxlab.trial_reason", reason[:4000])
