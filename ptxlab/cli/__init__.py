@@ -3,6 +3,8 @@
 import typer
 
 from ptxlab.cli import augment, config, data, evaluate, predict, report, run, sweep, ui, weights
+from ptxlab.cli.errors import fail_cleanly
+from ptxlab.compat import check_torch_pair
 
 app = typer.Typer(
     name="ptxlab",
@@ -11,6 +13,14 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def check_installation() -> None:
+    """Pneumothorax segmentation experiments: train, sweep, evaluate, predict; tracked in MLflow."""
+    with fail_cleanly():
+        check_torch_pair()
+
 
 app.command("run")(run.run)
 app.command("sweep")(sweep.sweep)
