@@ -7,16 +7,16 @@ efficientnet-b4 (random init), batch 32, 512², AMP fp16 + GradScaler. The loop'
 bookkeeping is left out (benchmarks/train_overhead.py measures it). Batches are random uint8
 tensors already on the device, so no data loading is timed.
 
-Variants are the config switches `model.channels_last` and `model.compile`, each alone and both
-together. Every variant gets a fresh model and optimizer, runs `--warmup` untimed steps
+Variants are AMP fp16 (`eager`), `train.amp_dtype=bf16` (no GradScaler), and the config switches
+`model.channels_last` and `model.compile`, each alone and both together. Every variant gets a fresh model and optimizer, runs `--warmup` untimed steps
 (compilation, cuDNN, the GradScaler finding its scale), then `--steps` timed ones between
 `torch.cuda.synchronize()` calls. The study reports 450 ms/step on an RTX 3090.
 
 Without CUDA (or with `--cpu-smoke`) it runs a small CPU setting instead so CI can exercise the
 script: the default Unet + tu-tf_efficientnet_lite0, batch 2, 128², fp32, eager, 3 steps.
 
-    python benchmarks/gpu_step.py [--steps 20] [--warmup 5] [--variants eager channels_last ...]
-    python benchmarks/gpu_step.py --cpu-smoke
+    python benchmarks/gpu_step.py [--steps 20] [--warmup 5] [--variants eager bf16 ...]
+    python benchmarks/gpu_step.py --cpu-smoke [--json FILE]
 
 Prints the images/s of the fastest variant last.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,6 +42,7 @@ STUDY_MS_PER_STEP = 450.0  # the study's figure, RTX 3090, batch 32 at 512²
 STUDY_BATCH = 32
 VARIANTS = {  # name -> config overrides
     "eager": [],
+    "bf16": ["train.amp_dtype=bf16"],
     "channels_last": ["model.channels_last=true"],
     "compile": ["model.compile=true"],
     "channels_last+compile": ["model.channels_last=true", "model.compile=true"],
@@ -119,6 +121,13 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def write_json(path: Path, setting: str, device: torch.device, warmup: int, steps: int,
+               results: dict) -> None:
+    record = {"setting": setting, "device": str(device), "torch": torch.__version__,
+              "warmup_steps": warmup, "timed_steps": steps, "variants": results}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true",
@@ -126,7 +135,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (20; smoke: 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (5; smoke: 1)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
-                        help="default: all four on CUDA, eager in the smoke setting")
+                        help="default: all five on CUDA, eager in the smoke setting")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the setting and each variant's figures to this file")
     args = parser.parse_args()
 
     smoke = args.cpu_smoke or not torch.cuda.is_available()
@@ -151,6 +162,8 @@ def main() -> None:
         results[name] = time_variant(config, device, warmup, steps)
         release(device)
         result = results[name]
+        if args.json:  # after each variant, so a later one that hangs loses nothing
+            write_json(args.json, setting, device, warmup, steps, results)
         line = (f"{name:<22}: {result['ms_per_step']:8.1f} ms/step, "
                 f"{result['images_per_s']:7.1f} img/s")
         if result["peak_gib"] is not None:

@@ -32,6 +32,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun, even as its only process
 
     @property
     def is_main(self) -> bool:
@@ -39,12 +40,14 @@ class Ranks:
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        """In a process group: more than one process, or `--nproc 1` (which runs the whole
+        data-parallel path, NCCL included, in one process)."""
+        return self.world > 1 or self.launched
 
 
 def current() -> Ranks:
     """This process's place, from torchrun's environment (a single process without it)."""
-    return Ranks(*environment.torchrun_place())
+    return Ranks(*environment.torchrun_place(), environment.started_by_torchrun())
 
 
 def init(use_cuda: bool) -> Ranks:

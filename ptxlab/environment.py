@@ -7,6 +7,7 @@
     PTXLAB_PROGRESS       how runs show progress when `--progress` is not given (see `progress`)
     PTXLAB_SWEEP_WORKER   set by `ptxlab sweep --workers N` for each worker process it starts
     RANK, WORLD_SIZE, LOCAL_RANK   set by torchrun for each rank of `ptxlab run --nproc N`
+    TORCHELASTIC_RUN_ID   set by torchrun too: a process group even at `--nproc 1`
 
 A process ptxlab starts gets this process's environment plus what `for_child` adds.
 """
@@ -61,6 +62,11 @@ def torchrun_place() -> tuple[int, int, int]:
 def under_torchrun() -> bool:
     """Whether torchrun started this process (as one rank of several)."""
     return "RANK" in os.environ
+
+
+def started_by_torchrun() -> bool:
+    """Whether torchrun started this process, also as its only rank (`--nproc 1`)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def for_child(**values: str) -> dict[str, str]:

@@ -20,15 +20,16 @@ def run(
     overrides: SetOption = None,
     resume: Annotated[str | None, typer.Option(
         help="Continue a killed run from its last checkpoint, into the same MLflow run.")] = None,
-    nproc: Annotated[int, typer.Option(
+    nproc: Annotated[int | None, typer.Option(
         min=1, help="Data-parallel processes on this machine (torchrun; NCCL on GPUs, gloo on "
-                    "CPU). train.batch_size stays the global batch.")] = 1,
+                    "CPU; 1 runs that whole path in one process). train.batch_size stays the "
+                    "global batch.")] = None,
     progress: Annotated[str | None, typer.Option(
         help="auto (bars on a terminal, else one line per epoch), bar, lines or none. "
              "Default: $PTXLAB_PROGRESS, else auto.", show_default=False)] = None,
 ) -> None:
     """Train one configuration and log everything to MLflow."""
-    launching = nproc > 1 and not environment.under_torchrun()  # else one process or a rank
+    launching = nproc is not None and not environment.under_torchrun()  # else 1 process or a rank
     with fail_cleanly():
         if progress is not None:
             choose(progress)
