@@ -126,6 +126,8 @@ def test_wheelhouse_installs_offline_next_to_a_system_pytorch(tmp_path, isolated
     site = next(target.glob("lib/python*/site-packages"))
     (site / "host-stack.pth").write_text(str(_host_site(tmp_path / "host")) + "\n")
     no_pip_settings = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    # The venv's own setuptools (ensurepip's, on Python < 3.12) would shadow the host's.
+    _run([target / "bin/pip", "uninstall", "-q", "-y", "setuptools"], 120, env=no_pip_settings)
     _run([target / "bin/pip", "install", "-q", "--no-index", "--find-links", wheels, "ptxlab"],
          600, env={**no_pip_settings, "PIP_CONFIG_FILE": os.devnull})
     assert "Usage: ptxlab" in _run([target / "bin/ptxlab", "--help"], 120).stdout
