@@ -8,12 +8,13 @@ import subprocess
 import sys
 import urllib.request
 import venv
-from importlib.metadata import distribution
+from importlib.metadata import distributions
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from tests.conftest import service_unavailable
 
@@ -81,20 +82,30 @@ def test_gpu_check_cpu_smoke_passes_every_step_and_writes_the_report(tmp_path):
     assert report["host"]["torch"].startswith("2.") and report["host"]["ptxlab"]
 
 
+def _installed(requirement: Requirement):
+    """The newest installed copy of `requirement`'s package (a venv may hold an older copy
+    than the system's, e.g. ensurepip's setuptools), checked against `requirement`."""
+    dist = max(distributions(name=requirement.name), key=lambda d: Version(d.version))
+    assert requirement.specifier.contains(dist.version, prereleases=True), requirement
+    return dist
+
+
 def _host_site(folder: Path) -> Path:
     """A folder that holds links to the host stack and everything it needs, as installed
     here: what an offline GPU server has system-wide."""
     folder.mkdir()
-    pending, seen = list(HOST_STACK), set()
+    pending, seen = [Requirement(name) for name in HOST_STACK], set()
     while pending:
-        name = canonicalize_name(pending.pop())
-        if name in seen:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        extras = {"", *requirement.extras} - {e for n, e in seen if n == name}
+        if not extras:
             continue
-        seen.add(name)
-        dist = distribution(name)
-        for requirement in map(Requirement, dist.requires or []):
-            if not requirement.marker or requirement.marker.evaluate({"extra": ""}):
-                pending.append(requirement.name)
+        seen |= {(name, extra) for extra in extras}
+        dist = _installed(requirement)
+        for needed in map(Requirement, dist.requires or []):
+            if any(not needed.marker or needed.marker.evaluate({"extra": e}) for e in extras):
+                pending.append(needed)
         tops = {Path(file).parts[0] for file in dist.files or []} - {"..", "__pycache__"}
         for top in tops:
             source = dist.locate_file(top)
