@@ -193,3 +193,39 @@ def _wait_until_serving(server: subprocess.Popen, port: int, log: Path,
         except OSError:
             time.sleep(1)
     pytest.fail(f"mlflow models serve did not answer on port {port} within {limit_s:.0f} s")
+
+
+@pytest.mark.slow
+def test_sweep_register_points_best_at_the_best_trial_s_model(isolated_store, sample_images):
+    tree = yaml.safe_load((ROOT / "experiments" / "studies" / "smoke.yaml").read_text())
+    tree.update(base=str(ROOT / "experiments" / "default.yaml"), name="register-test",
+                repeats=1, space={"optim.lr": {"type": "categorical", "choices": [0.003, 1e-7]}},
+                hypotheses=[])
+    tree["set"].update({"train.epochs": 1, "tracking.experiment": "register-test"})
+    study = isolated_store / "register-test.yaml"
+    study.write_text(yaml.safe_dump(tree, sort_keys=False))
+    sweep = subprocess.run([sys.executable, "-m", "ptxlab", "sweep", str(study), "--register",
+                            "pneumothorax"], capture_output=True, text=True, timeout=900)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert "as pneumothorax version 1: models:/pneumothorax@best" in sweep.stdout
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("pneumothorax", "best")
+    best_run = client.get_run(version.run_id)
+    siblings = client.search_runs([best_run.info.experiment_id],
+                                  "tags.`ptxlab.study` = 'register-test'")
+    trials = [r for r in siblings if "optuna.trial_number" in r.data.tags]
+    assert len(trials) == 2
+    best_iou = max(r.data.metrics["best_val_pooled_iou"] for r in trials)
+    assert best_run.data.metrics["best_val_pooled_iou"] == best_iou
+    assert version.tags["ptxlab.study"] == "register-test"
+    assert version.tags["ptxlab.trial"] == best_run.data.tags["optuna.trial_number"]
+
+    out = isolated_store / "predicted"
+    predicted = subprocess.run([sys.executable, "-m", "ptxlab", "predict",
+                                "models:/pneumothorax@best", str(sample_images[0]), "--out",
+                                str(out)], capture_output=True, text=True, timeout=600)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    expected = _ptxlab_masks(best_run.info.run_id, sample_images[:1], isolated_store / "by-id")
+    got = cv2.imread(str(out / f"{sample_images[0].stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
+    assert np.array_equal(got, expected[0])
