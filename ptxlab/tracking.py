@@ -112,16 +112,30 @@ def require_run(run_id: str) -> None:
                          f"{tracking_uri()}") from None
 
 
+# The MLflow UI opens an experiment of this kind (and any link with ?workflowType=...) in its
+# machine-learning view (runs, charts, comparisons), not the GenAI view (traces, judges).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+ML_VIEW = "workflowType=machine_learning"
+
+
+def ui_link(experiment_id: str, run_id: str | None = None, port: int = 5000) -> str:
+    """The `ptxlab ui` address of an experiment (or one of its runs), in the ML view."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"http://127.0.0.1:{port}/{page}?{ML_VIEW}"
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """The experiment's id, creating it (artifacts under ./mlruns/artifacts for the local store)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if not EXPERIMENT_KIND.items() <= experiment.tags.items():  # made by an older ptxlab
+            client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return experiment.experiment_id
     location = None
     if mlflow.get_tracking_uri() == local_store_uri():
         location = (local_store() / "artifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:
         # Another worker created it between our lookup and create.
         experiment = client.get_experiment_by_name(name)

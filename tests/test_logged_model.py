@@ -220,6 +220,14 @@ def test_sweep_register_points_best_at_the_best_trial_s_model(isolated_store, sa
     assert best_run.data.metrics["best_val_pooled_iou"] == best_iou
     assert version.tags["ptxlab.study"] == "register-test"
     assert version.tags["ptxlab.trial"] == best_run.data.tags["optuna.trial_number"]
+    # The parent run carries the objective and the best trial's metrics; links open the ML view.
+    parent = client.get_run(best_run.data.tags["mlflow.parentRunId"])
+    assert parent.data.params["study.objective"] == "best_val_pooled_iou"
+    assert parent.data.metrics["best_val_pooled_iou"] == best_iou
+    assert parent.data.tags["ptxlab.best_trial"] == version.tags["ptxlab.trial"]
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning" in sweep.stdout
 
     out = isolated_store / "predicted"
     predicted = subprocess.run([sys.executable, "-m", "ptxlab", "predict",

@@ -52,6 +52,7 @@ def run(
         raise typer.Exit(launch(nproc, _argv_without_nproc()))
     from ptxlab.distributed import RankZeroFailed, current
     from ptxlab.experiment import run_experiment  # torch, smp, MLflow: after the config
+    from ptxlab.tracking import ui_link
 
     try:
         with fail_cleanly():
@@ -72,8 +73,7 @@ def run(
         test = summary.test_metrics
         print(f"test set ({resolved.data.test_source}): Dice {test['pooled_dice']:.4f}  "
               f"IoU {test['pooled_iou']:.4f}  per-image mean Dice {test['mean_dice']:.4f}")
-    print(f"open it: ptxlab ui, then http://127.0.0.1:5000/#/experiments/"
-          f"{summary.experiment_id}/runs/{summary.run_id}")
+    print(f"open it: ptxlab ui, then {ui_link(summary.experiment_id, summary.run_id)}")
 
 
 def _resumed_config(run_id: str) -> Path:

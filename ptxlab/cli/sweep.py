@@ -43,6 +43,7 @@ def sweep(
         return
     with fail_cleanly():
         from ptxlab.sweep import run_sweep
+        from ptxlab.sweep.runs import parent_link
 
         result = run_sweep(study, storage, workers, n_trials, timeout, name)
     counts = result.counts
@@ -56,6 +57,7 @@ def sweep(
               f"repeat {result.best.user_attrs.get('repeat')})")
     print(f"MLflow parent run {result.parent_run_id} (experiment '{result.experiment}'); "
           f"report: ptxlab report {study}")
+    print(f"compare its trials: ptxlab ui, then {parent_link(result.parent_run_id)}")
     for failure in result.worker_failures:
         print(f"{'error' if result.unfinished else 'warning'}: {failure}")
     if result.worker_failures and result.unfinished:

@@ -10,8 +10,10 @@ tagged with the trial number, parameters, repeat and worker, and ends with `optu
 from __future__ import annotations
 
 import json
+import time
 
-from mlflow.entities import Param
+from mlflow.entities import Metric, Param
+from optuna import Study
 
 import ptxlab
 from ptxlab import tracking
@@ -89,3 +91,21 @@ def set_parent_status(parent_run_id: str, status: str) -> None:
             client.update_run(parent_run_id, status="RUNNING")
         else:
             client.set_terminated(parent_run_id, status)
+
+
+def record_best_trial(parent_run_id: str, study: Study) -> None:
+    """Put the best trial so far on the parent run: its best_val_* metrics (the objective among
+    them) and its number, so that studies compare side by side like runs do."""
+    best = study.best_trial
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"best_val_{key}", float(value), now, 0)
+               for key, value in best.user_attrs.get("metrics", {}).items() if value is not None]
+    client = tracking.configure()
+    client.log_batch(parent_run_id, metrics=metrics)
+    client.set_tag(parent_run_id, "ptxlab.best_trial", str(best.number))
+
+
+def parent_link(parent_run_id: str) -> str:
+    """The UI address of the study's experiment (ML view), where its parent run expands."""
+    client = tracking.configure()
+    return tracking.ui_link(client.get_run(parent_run_id).info.experiment_id)

@@ -22,7 +22,7 @@ from ptxlab import tracking
 from ptxlab.config import Config
 from ptxlab.experiment import evaluate_validation, run_experiment
 from ptxlab.metrics import score
-from ptxlab.sweep.runs import finish_child_run, set_parent_status
+from ptxlab.sweep.runs import finish_child_run, record_best_trial, set_parent_status
 from ptxlab.sweep.source_runs import validation_predictions
 from ptxlab.sweep.storage import StaleTrialHandler
 from ptxlab.sweep.study import (
@@ -334,3 +334,4 @@ class Worker:
             client = tracking.configure()
             client.log_metric(self.handle.parent_run_id, f"trial_{self.spec.objective.metric}",
                               frozen.value, step=frozen.number)
+            record_best_trial(self.handle.parent_run_id, self.handle.study)
