@@ -8,7 +8,12 @@ shuffle, a new epoch seed each pass). They differ only in how a pair is read:
 - raw: `read_pair` decodes the full-resolution image and mask PNGs every time;
 - cached: `ResizedCache.load` reads a (2, size, size) `.npy` built before timing (temp dir).
 
-Epochs alternate (raw, cached, raw, ...) and the median epoch time of each is compared. For
+A third loader shows what `augment.order=source-first` (the study's order) costs: it reads the
+same cases from a cache kept at the source resolution (`ResizedCache(size=None)`), augments at
+that resolution and resizes last; its line reports its rate relative to the resize-first cache.
+
+Epochs alternate (raw, cached, source-first, raw, ...) and the median epoch time of each is
+compared. For
 context the script also times reading alone (one pair at a time, raw and cached alternating,
 median ms per pair): the loader's ratio is that read speed-up diluted by the augmentation and
 batching both loaders pay. It also times training steps of the default model (Unet +
@@ -126,26 +131,35 @@ def main() -> None:
 
     cases = load_cases(args.data, "folder")[: args.images]
     config = load_config(None, ["augment.preset=paper", f"data.image_size={args.size}"])
-    transform = build_train_transform(config.augment.preset, config.augment.strength, args.size)
+    preset, strength = config.augment.preset, config.augment.strength
+    transform = build_train_transform(preset, strength, args.size)
+    source_first = build_train_transform(preset, strength, args.size, "source-first")
 
     with tempfile.TemporaryDirectory(prefix="ptxlab-loader-bench-") as cache_dir:
         cache = ResizedCache(Path(cache_dir), args.size)
+        source_cache = ResizedCache(Path(cache_dir), None)
         started = time.perf_counter()
         cache.ensure(cases, progress=False)
         build_seconds = time.perf_counter() - started
+        source_cache.ensure(cases, progress=False)
         raw_read_ms, cached_read_ms = read_milliseconds(cases, [read_pair, cache.load])
-        raw = SegmentationDataset(cases, read_pair, transform, config.seed)
-        cached = SegmentationDataset(cases, cache.load, transform, config.seed)
-        for dataset in (raw, cached):  # warm-up: page cache, imports, allocator
+        loaders = {
+            "raw": SegmentationDataset(cases, read_pair, transform, config.seed),
+            "cached": SegmentationDataset(cases, cache.load, transform, config.seed),
+            "source": SegmentationDataset(cases, source_cache.load, source_first, config.seed),
+        }
+        for dataset in loaders.values():  # warm-up: page cache, imports, allocator
             epoch_seconds(dataset, 0, args.batch, args.workers)
-        raw_times, cached_times = [], []
+        times: dict[str, list[float]] = {name: [] for name in loaders}
         for epoch in range(1, args.epochs + 1):
-            raw_times.append(epoch_seconds(raw, epoch, args.batch, args.workers))
-            cached_times.append(epoch_seconds(cached, epoch, args.batch, args.workers))
+            for name, dataset in loaders.items():
+                times[name].append(epoch_seconds(dataset, epoch, args.batch, args.workers))
 
     n = len(cases)
+    raw_times, cached_times = times["raw"], times["cached"]
     raw_rate = n / statistics.median(raw_times)
     cached_rate = n / statistics.median(cached_times)
+    source_rate = n / statistics.median(times["source"])
     print(f"{n} cases from {args.data}, {args.size}px, augment.preset=paper, batch {args.batch}, "
           f"{args.workers} workers, {torch.get_num_threads()} torch threads, {args.epochs} "
           "alternating epochs each")
@@ -156,6 +170,9 @@ def main() -> None:
           f"({raw_rate:.1f} img/s)")
     print(f"resized cache     : median {statistics.median(cached_times):.2f} s/epoch "
           f"({cached_rate:.1f} img/s)")
+    print(f"source-first      : median {statistics.median(times['source']):.2f} s/epoch "
+          f"({source_rate:.1f} img/s; augment at the source size from a source-size cache, "
+          f"resize last: {source_rate / cached_rate:.2f}x the resize-first cache's rate)")
     steps = {"cpu": args.cpu_steps, "cuda": args.cuda_steps if torch.cuda.is_available() else 0}
     for device, count in steps.items():
         if count:

@@ -3,7 +3,13 @@
 Inputs are uint8 H x W grayscale images with uint8 {0, 1} masks; outputs keep those types (masks
 use nearest-neighbour interpolation, so they stay binary). Normalisation happens elsewhere.
 
-Presets (`augment.preset`), all resized to `image_size` first and then augmented:
+Order (`augment.order`): ``resize-first`` resizes to `image_size` and augments there;
+``source-first`` augments the image as loaded (the source resolution, or the cache's
+`data.cache_size`) and resizes last, as the study's script did (its ``A.Resize`` is the last
+transform). Pixel-sized parameters (ElasticTransform's alpha and sigma) act relative to the
+resolution they run at, so the two orders differ most there.
+
+Presets (`augment.preset`):
 
 * ``none``: resize only.
 * ``paper``: the study's pipeline exactly as it runs under albumentations 2.x. Its Affine was
@@ -42,7 +48,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from ptxlab.vocabulary import PRESETS
+from ptxlab.vocabulary import AUGMENT_ORDERS, PRESETS
 
 
 @dataclass(frozen=True)
@@ -173,16 +179,22 @@ def _resize(image_size: int) -> A.Resize:
     return A.Resize(height=image_size, width=image_size)
 
 
-def build_train_transform(preset: str, strength: float, image_size: int) -> A.Compose:
-    """Resize to `image_size` squared, then apply `preset` scaled by `strength` in [0, 1]."""
+def build_train_transform(preset: str, strength: float, image_size: int,
+                          order: str = "resize-first") -> A.Compose:
+    """`preset` scaled by `strength` in [0, 1], with the resize to `image_size` squared first
+    (``resize-first``) or last (``source-first``)."""
+    if order not in AUGMENT_ORDERS:
+        raise ValueError(f"unknown augment order {order!r}; expected one of {AUGMENT_ORDERS}")
     if preset not in PRESETS:
         raise ValueError(f"unknown augment preset {preset!r}; expected one of {PRESETS}")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"augment strength must be in [0, 1], got {strength}")
-    transforms: list[A.BasicTransform | A.BaseCompose] = [_resize(image_size)]
+    transforms: list[A.BasicTransform | A.BaseCompose] = []
     if preset != "none":
-        transforms += _augmentations(_scale(_MAGNITUDES[preset], strength))
-    return A.Compose(transforms, strict=True)
+        transforms = _augmentations(_scale(_MAGNITUDES[preset], strength))
+    if order == "resize-first":
+        return A.Compose([_resize(image_size), *transforms], strict=True)
+    return A.Compose([*transforms, _resize(image_size)], strict=True)
 
 
 def build_eval_transform(image_size: int) -> A.Compose:

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ptxlab.vocabulary import Gate, LayoutChoice, Objective, Preset, Rule
+from ptxlab.vocabulary import (
+    AugmentOrder,
+    Gate,
+    InputScaling,
+    LayoutChoice,
+    Objective,
+    Preset,
+    Rule,
+    SearchGrid,
+    Split,
+)
 
 
 class ConfigError(ValueError):
@@ -34,12 +44,21 @@ class SyntheticConfig(_Section):
     seed: int = Field(0, description="data seed, separate from the training seed")
 
 
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 class DataConfig(_Section):
     source: str = "synthetic"
     layout: LayoutChoice = "auto"
     test_source: str | None = None
     test_layout: LayoutChoice = "auto"
     image_size: int = Field(128, ge=32, le=2048)
+    cache_size: int | None = Field(
+        None, ge=32, le=4096, description="side of the cached pairs; null: data.image_size "
+        "under augment.order=resize-first, the source's own resolution under source-first")
+    split: Split = Field(
+        "stratified", description="random = the study's train_test_split(shuffle=True), "
+        "seeded by split_seed")
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     split_seed: int | None = Field(
         None, description="seed of the train/validation split; null: the run's `seed`")
@@ -50,12 +69,18 @@ class DataConfig(_Section):
     cache: bool = True
     cache_dir: str | None = Field(None, description="default: $PTXLAB_CACHE or ~/.cache/ptxlab")
     num_workers: int = Field(0, ge=0)
+    positive_fraction: Fraction | tuple[Fraction, Fraction] | None = Field(
+        None, description="share of positive images each training epoch draws (with "
+        "replacement where needed); [start, end] changes linearly over the epochs; null: "
+        "every image once")
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> DataConfig:
         if self.folds > 1 and self.fold >= self.folds:
             raise ValueError(f"data.fold={self.fold} must be < data.folds={self.folds}")
+        if self.split == "random" and self.folds > 1:
+            raise ValueError("data.split=random is a single split; use data.folds=1")
         return self
 
 
@@ -69,9 +94,11 @@ class ModelConfig(_Section):
         "none", description="image-level decision that can empty a mask; searched on validation",
         json_schema_extra=EVALUATION)
     freeze_encoder_epochs: int = Field(0, ge=0)
+    input_scaling: InputScaling = Field(
+        "encoder", description="encoder: the pretrained weights' mean/std; unit: pixels / 255 "
+        "with no mean/std (the study's script)")
     channels_last: bool = False
     compile: bool = False
-
 
     @model_validator(mode="after")
     def _head_gate_needs_head(self) -> ModelConfig:
@@ -83,6 +110,9 @@ class ModelConfig(_Section):
 class AugmentConfig(_Section):
     preset: Preset = "light"
     strength: float = Field(1.0, ge=0.0, le=1.0)
+    order: AugmentOrder = Field(
+        "resize-first", description="source-first augments at the cached (source) resolution "
+        "and resizes to data.image_size last, as the study's script did")
 
 
 class LossConfig(_Section):
@@ -99,6 +129,16 @@ class OptimConfig(_Section):
     reference_batch: int = Field(16, ge=1)
 
 
+class PhaseConfig(_Section):
+    """One phase of `train.phases`: its own image size, epochs, batch, freezing and LR."""
+
+    image_size: int = Field(ge=32, le=2048)
+    epochs: int = Field(ge=1)
+    batch_size: int | None = Field(None, ge=1, description="null: train.batch_size")
+    freeze_encoder_epochs: int = Field(0, ge=0, description="from the phase's first epoch")
+    lr: float | None = Field(None, gt=0.0, description="the phase's peak LR; null: optim.lr")
+
+
 class TrainConfig(_Section):
     epochs: int = Field(15, ge=1)
     max_steps: int | None = Field(None, ge=1, description="fix optimizer updates instead of epochs")
@@ -110,6 +150,12 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
     max_train_batches: int | None = Field(None, ge=1, description="cap per epoch (smoke tests)")
+    phases: list[PhaseConfig] | None = Field(
+        None, min_length=1, description="train in phases (e.g. 512 then 1024), one MLflow run; "
+        "each restarts the cosine schedule; the last one's image_size is data.image_size")
+    average_top_k: int | None = Field(
+        None, ge=2, description="average the weights of the k best epochs at the end; the "
+        "average becomes the model when it validates better")
 
 
 class PostprocessConfig(_Section):
@@ -136,6 +182,18 @@ class PostprocessConfig(_Section):
     resolution: int = Field(512, ge=1)
     search: bool = True
     objective: Objective = "pooled_iou"
+    grid: SearchGrid = Field(
+        "auto", description="paper: the study's BT x RT grid exactly, never widened")
+    search_images: int | None = Field(
+        None, ge=1, description="search on a seeded random subset of this many validation "
+        "images (the study: 256); null: all of them")
+
+    @model_validator(mode="after")
+    def _paper_grid_is_for_threshold(self) -> PostprocessConfig:
+        if self.grid == "paper" and self.rule != "threshold":
+            raise ValueError("postprocess.grid=paper is the study's BT x RT grid; it needs "
+                             "postprocess.rule=threshold (use grid=auto for triplet)")
+        return self
 
     model_config = ConfigDict(json_schema_extra=EVALUATION)
 
@@ -162,6 +220,16 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _phases_end_at_the_image_size(self) -> Config:
+        phases = self.train.phases
+        if phases and phases[-1].image_size != self.data.image_size:
+            raise ValueError(f"the last of train.phases has image_size={phases[-1].image_size}; "
+                             f"it must equal data.image_size={self.data.image_size}")
+        if phases and self.train.max_steps is not None:
+            raise ValueError("train.phases set their epochs; use train.max_steps=null")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, the form logged as MLflow params."""

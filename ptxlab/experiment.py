@@ -16,18 +16,20 @@ from ptxlab import artifacts, distributed, environment, plots, preflight, tracki
 from ptxlab.augment import build_eval_transform, build_train_transform, serialize
 from ptxlab.config import Config
 from ptxlab.data.cases import Case
-from ptxlab.data.dataset import SegmentationDataset, stratified_split
-from ptxlab.data.sources import SYNTHETIC, load_source, training_pairs
+from ptxlab.data.dataset import SegmentationDataset, random_split, stratified_split
+from ptxlab.data.sources import SYNTHETIC, cached_size, load_source, training_pairs
 from ptxlab.evaluation import evaluate_run
 from ptxlab.inference import Predictions, load_trained_model, predict
 from ptxlab.metrics import accumulate
 from ptxlab.mlflow_model import log_model
 from ptxlab.postprocess import (
+    PAPER_GRID,
     PostProcessing,
     SearchResult,
     apply,
     choose,
     save_probability_maps,
+    search_subset,
 )
 from ptxlab.progress import EpochReporter, display
 from ptxlab.train import (
@@ -69,23 +71,45 @@ def checkpoint_dir(run_id: str) -> Path:
 
 
 def prepare_data(config: Config, progress: bool = True) -> PreparedData:
-    """Cases of the configured source, split, cached at training size, wrapped as datasets."""
+    """Cases of the configured source, split, cached (at training size unless augmenting at the
+    source size), wrapped as datasets."""
     data = config.data
     cases = load_source(data, data.source, data.layout, progress=progress)
-    pairs = training_pairs(data, cases, progress=progress)  # raises unless data.skip_bad
+    order = config.augment.order
+    # raises unless data.skip_bad
+    pairs = training_pairs(data, cases, cached_size(data, order), progress=progress)
     bad = {case.case_id for case, _ in pairs.skipped}
     usable = [case for case in cases if case.case_id not in bad]
     split_seed = config.seed if data.split_seed is None else data.split_seed
-    train_cases, val_cases = stratified_split(usable, data.val_fraction, split_seed,
-                                              data.folds, data.fold)
+    if data.split == "random":
+        train_cases, val_cases = random_split(usable, data.val_fraction, split_seed)
+    else:
+        train_cases, val_cases = stratified_split(usable, data.val_fraction, split_seed,
+                                                  data.folds, data.fold)
     size = data.image_size
-    train_transform = build_train_transform(config.augment.preset, config.augment.strength, size)
+    train_transform = build_train_transform(config.augment.preset, config.augment.strength, size,
+                                            order)
     return PreparedData(
         train=SegmentationDataset(train_cases, pairs.load, train_transform, config.seed),
         val=SegmentationDataset(val_cases, pairs.load, build_eval_transform(size), config.seed),
         digest=pairs.digest,
         skipped=pairs.skipped,
     )
+
+
+def datasets_at(config: Config, data: PreparedData
+                ) -> Callable[[int], tuple[SegmentationDataset, SegmentationDataset]]:
+    """Training and validation datasets at an image size, for the phases of `train.phases`
+    (the same split; the prepared ones at `data.image_size`)."""
+    def at(image_size: int) -> tuple[SegmentationDataset, SegmentationDataset]:
+        if image_size == config.data.image_size:
+            return data.train, data.val
+        sized = config.model_copy(
+            update={"data": config.data.model_copy(update={"image_size": image_size})})
+        other = prepare_data(sized, progress=False)
+        return other.train, other.val
+
+    return at
 
 
 def _log_inputs(config: Config, config_text: str | None, data: PreparedData) -> None:
@@ -162,7 +186,8 @@ def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: st
         if resume_from is not None:
             callbacks.tracker.replay(load_checkpoint(resume_from)["state"]["history"])
         try:
-            result = train(config, data.train, data.val, workdir, callbacks, resume_from)
+            result = train(config, data.train, data.val, workdir, callbacks, resume_from,
+                           datasets_at(config, data))
         except NonFiniteLossError as error:
             tracking.record_failure(run_id, f"non-finite loss: {error}")
             raise
@@ -172,6 +197,8 @@ def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: st
             return summary
         tracking.set_tags({"ptxlab.stopped_by": result.stopped_by,
                            "ptxlab.best_epoch": result.best_epoch})
+        if result.averaged:
+            tracking.log_metrics(result.averaged)
         figure = plots.learning_curves(result.history, result.best_epoch)
         tracking.log_figure(figure, artifacts.LEARNING_CURVES)
         plots.close(figure)
@@ -188,7 +215,8 @@ def _train_as_other_rank(config: Config, ranks: distributed.Ranks) -> RunSummary
     """A rank > 0: wait for rank 0 to prepare the data and open the run, then train."""
     run_id, resume_from = distributed.Handoff.receive(ranks)
     data = prepare_data(config, progress=False)
-    result = train(config, data.train, data.val, checkpoint_dir(run_id), None, resume_from)
+    result = train(config, data.train, data.val, checkpoint_dir(run_id), None, resume_from,
+                   datasets_at(config, data))
     return RunSummary(run_id, config.tracking.experiment, "", result.best_epoch,
                       result.stopped_by)
 
@@ -263,13 +291,17 @@ def evaluate_validation(config: Config, predictions: Predictions,
 
 
 def _choose_postprocessing(config: Config, predictions: Predictions) -> PostProcessing:
-    """`postprocess.choose` on the validation maps; its searches logged (table and heatmap)."""
+    """`postprocess.choose` on the validation maps (all, or the seeded subset
+    `postprocess.search_images`); its searches logged (table and heatmap)."""
     pp = config.postprocess
     configured = PostProcessing(pp.rule, threshold=pp.threshold, min_area=pp.min_area,
                                 top_threshold=pp.top_threshold, min_top_area=pp.min_top_area,
                                 bottom_threshold=pp.bottom_threshold, resolution=pp.resolution)
-    choice = choose(predictions.probs, predictions.truths, configured, pp.search, pp.objective,
-                    config.model.gate, predictions.class_probs)
+    subset = search_subset(len(predictions.probs), pp.search_images, config.seed)
+    head = None if predictions.class_probs is None else predictions.class_probs[subset]
+    choice = choose(predictions.probs[subset], predictions.truths[subset], configured,
+                    pp.search, pp.objective, config.model.gate, head,
+                    grid=PAPER_GRID if pp.grid == "paper" else None)
     if choice.search is not None:
         _log_search(choice.search, pp.resolution, pp.objective)
     if choice.gate_search is not None:

@@ -49,7 +49,7 @@ def build_model(config: ModelConfig, *, load_weights: bool = True) -> tuple[nn.M
         classes=1,
         aux_params=aux_params,
     )
-    network.normalize_input = InputNormalizer(config.encoder)
+    network.normalize_input = InputNormalizer(config.encoder, config.input_scaling)
     weights_note = "random init"
     if load_weights and config.encoder_weights:
         from ptxlab.weights import apply_encoder_weights
@@ -67,14 +67,17 @@ def split_output(raw: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> Model
 
 
 class InputNormalizer(nn.Module):
-    """uint8 grayscale batches (N, 1, H, W) -> normalised float (N, 3, H, W) for `encoder`.
+    """uint8 grayscale batches (N, 1, H, W) -> float (N, 3, H, W), the gray channel repeated.
 
+    `scaling="encoder"`: (pixel / 255 - mean) / std with the statistics `encoder`'s pretrained
+    weights expect. `scaling="unit"`: pixel / 255 and nothing else, what the study's script fed
+    its network (an RGB read of a grayscale PNG, i.e. three equal channels, / 255).
     Runs on the training device, so loaders move 1 byte per pixel instead of 12.
     """
 
-    def __init__(self, encoder: str) -> None:
+    def __init__(self, encoder: str, scaling: str = "encoder") -> None:
         super().__init__()
-        mean, std = input_statistics(encoder)
+        mean, std = input_statistics(encoder) if scaling == "encoder" else ((0.0,) * 3, (1.0,) * 3)
         mean = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)

@@ -52,6 +52,13 @@ from ptxlab.vocabulary import GATES, OBJECTIVES, RULES
 # doubling from 64 to 2048 and then 1024-pixel steps to 4096 (1.6% of the image).
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 DEFAULT_MIN_AREAS = (0, 64, 128, 256, 512, 1024, 2048, 3072, 4096)
+# The study's script, exactly: BT = numpy.linspace(0.05, 0.5, 10); RT in pixels at 512 x 512.
+# `postprocess.grid=paper` searches it as is, never widened.
+PAPER_GRID = {
+    "thresholds": tuple(np.linspace(0.05, 0.5, 10).tolist()),
+    "min_areas": (0, 256, 512, 1024, 2048, 4096),
+    "widen": False,
+}
 # Triplet grid around the challenge winners' choices (top ~0.75, area ~2048 at 1024 x 1024 =
 # 512 at 512 x 512, bottom ~0.3-0.4), areas at 512 x 512.
 DEFAULT_TOP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -224,6 +231,14 @@ class Heatmap:
     thresholds: list[float]
     areas: list[float]
     best: tuple[int, int]  # (row, column) of the best rule
+
+
+def search_subset(n_images: int, count: int | None, seed: int) -> np.ndarray:
+    """Indices of the validation images a search uses: all of them when `count` is None, else
+    min(count, n) drawn as the study did, `RandomState(seed).choice(n, size, replace=False)`."""
+    if count is None:
+        return np.arange(n_images)
+    return np.random.RandomState(seed).choice(n_images, min(count, n_images), replace=False)
 
 
 def _objective_scores(
@@ -576,12 +591,15 @@ class Choice:
 
 
 def choose(probs: np.ndarray, truths: np.ndarray, configured: PostProcessing, search: bool,
-           objective: str, gate: str, head_probs: np.ndarray | None = None) -> Choice:
+           objective: str, gate: str, head_probs: np.ndarray | None = None,
+           grid: dict | None = None) -> Choice:
     """``configured`` as it is, or the grid-search optimum of its kind on validation maps,
-    then (unless ``gate`` is "none") the best image-level gate on top of it."""
+    then (unless ``gate`` is "none") the best image-level gate on top of it. ``grid``:
+    the searcher's grid arguments (e.g. ``PAPER_GRID``); None: its own, widened at edges."""
     if not search:
         return Choice(configured)
-    result = SEARCHES[configured.kind](probs, truths, objective=objective, resolution=configured.resolution)
+    result = SEARCHES[configured.kind](probs, truths, objective=objective,
+                                       resolution=configured.resolution, **(grid or {}))
     if gate == "none":
         return Choice(result.best, result)
     gated = search_gate(probs, truths, result.best, gate, head_probs, objective=objective)

@@ -42,6 +42,7 @@ from ptxlab.data.cases import Case, DataError
 from ptxlab.data.dataset import SegmentationDataset
 from ptxlab.data.io import read_image_file
 from ptxlab.data.layouts import IMAGE_SUFFIXES
+from ptxlab.data.sources import cached_size
 from ptxlab.inference import load_trained_model, predict
 from ptxlab.metrics import image_scores
 from ptxlab.plots import overlay
@@ -107,8 +108,9 @@ def predict_native(run: TrainedRun, cases: Sequence[Case], read: NativeReader,
     def model_input(case: Case) -> tuple[np.ndarray, np.ndarray]:
         image, truth = read(case)
         batch_natives.append((image, truth))
-        if run.config.data.cache:
-            image = resize_image(image, size)
+        cache = cached_size(run.config.data, run.config.augment.order)
+        if run.config.data.cache and cache:  # as validation saw it: the cache's resize first
+            image = resize_image(image, cache)
         # `predict` also resizes a mask; the truth is scored at native size, so pass zeros.
         return image, np.zeros(image.shape, dtype=np.uint8)
 

@@ -18,9 +18,20 @@ LAYOUTS: tuple[str, ...] = get_args(Layout)
 LayoutChoice = Literal["auto", Layout]  # a layout, or "auto": detect it
 LAYOUT_CHOICES: tuple[str, ...] = get_args(LayoutChoice)
 
-# augment.py: training augmentation presets.
+# augment.py: training augmentation presets, and where the resize to the training size
+# happens: before the augmentation, or after it (the study's order).
 Preset = Literal["none", "light", "paper", "paper-intended"]
 PRESETS: tuple[str, ...] = get_args(Preset)
+AugmentOrder = Literal["resize-first", "source-first"]
+AUGMENT_ORDERS: tuple[str, ...] = get_args(AugmentOrder)
+
+# data/dataset.py: how the train/validation split is drawn.
+Split = Literal["stratified", "random"]
+SPLITS: tuple[str, ...] = get_args(Split)
+
+# model.py: what the network's input is scaled with.
+InputScaling = Literal["encoder", "unit"]
+INPUT_SCALINGS: tuple[str, ...] = get_args(InputScaling)
 
 # postprocess.py: how a probability map becomes a mask, the image-level gate on top of it, and
 # what a post-processing search maximises.
@@ -30,6 +41,8 @@ Gate = Literal["none", "head", "area"]
 GATES: tuple[str, ...] = get_args(Gate)
 Objective = Literal["pooled_iou", "mean_dice"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+SearchGrid = Literal["auto", "paper"]  # ptxlab's widening grid, or the study's exact one
+SEARCH_GRIDS: tuple[str, ...] = get_args(SearchGrid)
 
 # inference.py: test-time augmentation.
 TtaMode = Literal["none", "hflip"]

@@ -37,7 +37,7 @@ def test_loader_reports_rates_and_the_cache_ratio(siim_sample):
         "loader.py", "--data", str(siim_sample), "--images", "8", "--epochs", "1",
         "--size", "128", "--batch", "4", "--cpu-steps", "1", "--cuda-steps", "0",
     )
-    for label in ("raw PNGs + resize", "resized cache", "model consumes"):
+    for label in ("raw PNGs + resize", "resized cache", "source-first", "model consumes"):
         assert re.search(rf"^{re.escape(label)} *: .*\d img/s", output, re.MULTILINE), label
     assert re.fullmatch(
         r"ratio \(cached / raw images/s, target >= 4\): \d+\.\d\d", last_line(output)

@@ -7,12 +7,16 @@ from ptxlab import augment, postprocess
 from ptxlab.config import AugmentConfig, DataConfig, ModelConfig, PostprocessConfig
 from ptxlab.data import layouts
 from ptxlab.vocabulary import (
+    AUGMENT_ORDERS,
     GATES,
+    INPUT_SCALINGS,
     LAYOUT_CHOICES,
     LAYOUTS,
     OBJECTIVES,
     PRESETS,
     RULES,
+    SEARCH_GRIDS,
+    SPLITS,
     spoken,
 )
 
@@ -28,6 +32,10 @@ def test_the_config_schema_takes_exactly_each_vocabulary():
     assert allowed(PostprocessConfig, "rule") == RULES
     assert allowed(PostprocessConfig, "objective") == OBJECTIVES
     assert allowed(ModelConfig, "gate") == GATES
+    assert allowed(AugmentConfig, "order") == AUGMENT_ORDERS
+    assert allowed(DataConfig, "split") == SPLITS
+    assert allowed(ModelConfig, "input_scaling") == INPUT_SCALINGS
+    assert allowed(PostprocessConfig, "grid") == SEARCH_GRIDS
 
 
 def test_every_dispatch_table_has_one_entry_per_name():

@@ -53,13 +53,21 @@ class TrainingPairs:
     digest: str
 
 
-def training_pairs(config: DataConfig, cases: Sequence[Case], progress: bool = True
-                   ) -> TrainingPairs:
-    """Through the resized cache when enabled (every case read and validated up front);
-    otherwise straight from the source files."""
+def cached_size(config: DataConfig, augment_order: str) -> int | None:
+    """The side the cache resizes to: `cache_size` if set, else `image_size` when augmenting
+    after the resize, else None (the source's own resolution, for source-first)."""
+    if config.cache_size is not None:
+        return config.cache_size
+    return config.image_size if augment_order == "resize-first" else None
+
+
+def training_pairs(config: DataConfig, cases: Sequence[Case], size: int | None,
+                   progress: bool = True) -> TrainingPairs:
+    """Through the cache at `size` (None: source size) when enabled, every case read and
+    validated up front; otherwise straight from the source files."""
     if not config.cache:
         return TrainingPairs(read_pair, [], _fingerprint_digest(cases))
-    cache = ResizedCache(cache_root(config) / "resized", config.image_size)
+    cache = ResizedCache(cache_root(config) / "resized", size)
     skipped = cache.ensure(cases, skip_bad=config.skip_bad, progress=progress)
     bad = {case.case_id for case, _ in skipped}
     # Cache entries are named by the sha256 of their sources' content.
