@@ -82,3 +82,8 @@ def test_frozen_encoder_stays_put_for_its_epochs_then_trains(isolated_store):
                for n in names)
     decoder = [k for k in snapshots[0] if k.startswith("decoder.") and k.endswith("weight")]
     assert any(not torch.equal(snapshots[0][k], initial.state_dict()[k]) for k in decoder)
+    # smp's freeze_encoder also stops the encoder's BatchNorm statistics; unfreezing restarts them
+    statistics = [k for k in snapshots[0] if k.startswith("encoder.") and "running_" in k]
+    assert statistics
+    assert all(torch.equal(snapshots[0][k], initial.state_dict()[k]) for k in statistics)
+    assert any(not torch.equal(snapshots[1][k], initial.state_dict()[k]) for k in statistics)
