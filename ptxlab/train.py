@@ -3,8 +3,10 @@
 It knows nothing of MLflow or Optuna: progress leaves through `TrainingCallbacks`, which the
 tracking and sweep layers implement (and through which a pruner can stop a trial).
 
-`train` reads as its steps: set up, then per epoch start it, train it, validate, record the
-decision (best so far? early stop?), checkpoint and report. The steps share one `Training`.
+`train` reads as its steps: set up, then for each phase (`train.phases`; one without it) enter
+it, and per epoch start it, train it, validate, record the decision (best so far? early stop?),
+checkpoint and report; at the end, optionally average the top-k epochs' weights. The steps
+share one `Training`.
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def train(
     tells the other ranks what it decided.
     """
     run = _set_up(config, workdir, callbacks, resume_from)
-    datasets = datasets_at or (lambda size: (train_set, val_set))
+    datasets = datasets_at or _only_at(config.data.image_size, train_set, val_set)
     while True:
         _enter_phase(run, datasets)
         stopped_by = _run_phase(run)
@@ -214,6 +216,16 @@ def train(
     state = run.state
     return TrainResult(state.best_epoch, state.history, run.best_path, run.last_path, stopped_by,
                        averaged)
+
+
+def _only_at(image_size: int, train_set: SegmentationDataset, val_set: SegmentationDataset
+             ) -> Datasets:
+    def at(size: int) -> tuple[SegmentationDataset, SegmentationDataset]:
+        if size != image_size:
+            raise ValueError(f"a phase at image_size={size} needs train(datasets_at=...)")
+        return train_set, val_set
+
+    return at
 
 
 def _run_phase(run: Training) -> str:
