@@ -72,6 +72,7 @@ def test_gate_search_matches_a_naive_loop_and_rejects_the_negatives(objective):
     assert gated["pooled_iou"] > ungated["pooled_iou"]
 
 
+@pytest.mark.slow
 def test_classification_loss_reaches_the_head():
     config = load_config(None, TINY_RUN + ["model.classification_head=true"])
     model, _ = build_model(config.model)

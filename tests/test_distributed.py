@@ -94,6 +94,7 @@ def test_two_ranks_compute_the_single_process_step(tmp_path):
         torch.testing.assert_close(ranks[0]["buffers"][name], buffer, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_synchronized_batch_norm_keeps_the_network(device):
     """Conversion keeps weights and timm's fused activations: eval outputs are unchanged."""

@@ -76,6 +76,7 @@ def per_repeat_at(table: dict, metric: str, lr: float) -> np.ndarray:
                               if r == repeat and lr_ == lr]) for repeat in range(3)])
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_verdicts_follow_from_the_numbers(finished_study):
     path, handle, table = finished_study
@@ -110,6 +111,7 @@ def test_verdicts_follow_from_the_numbers(finished_study):
     assert {f"report/plots/{figure.name}" for figure in result.figures} == logged
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_report_command_prints_the_verdicts(finished_study):
     path, _, _ = finished_study
@@ -196,6 +198,7 @@ def noisy_study(isolated_store):
     return path, handle
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_inconclusive_verdicts_say_what_the_noise_allows(noisy_study):
     from ptxlab.report import collect, judge_hypothesis
@@ -237,6 +240,7 @@ def test_inconclusive_verdicts_say_what_the_noise_allows(noisy_study):
     assert again.repeats_needed == needed
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_bounded_metrics_keep_their_intervals_inside_0_1(noisy_study):
     from ptxlab.report import collect, factor_rows, levels
@@ -255,6 +259,7 @@ def test_bounded_metrics_keep_their_intervals_inside_0_1(noisy_study):
     assert difference({0: 0.9, 1: 0.1}, {0: 0.0, 1: 0.9}).low >= -1
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_an_optimum_on_the_edge_of_the_grid_is_flagged(noisy_study):
     from ptxlab.report import collect, edge_optima

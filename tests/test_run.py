@@ -72,6 +72,7 @@ def test_non_finite_loss_fails_the_run_with_a_reason(isolated_store):
     assert "non-finite loss" in run.data.tags["ptxlab.failure"]
 
 
+@pytest.mark.slow
 def test_untrained_network_scores_near_zero_dice(isolated_store):
     """The synthetic task is not trivial: a random network's masks barely overlap the truth."""
     from ptxlab.experiment import prepare_data

@@ -198,6 +198,7 @@ def test_study_file_errors_name_the_problem(tmp_path, change, message):
         load_study_file(write_study(tmp_path, **{"hypotheses": [], **change}))
 
 
+@pytest.mark.slow
 def test_rejoining_with_another_definition_is_refused(isolated_store):
     path = write_study(isolated_store)
     loaded = load_study_file(path)

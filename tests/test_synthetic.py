@@ -5,6 +5,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import cv2
 import numpy as np
+import pytest
 
 from ptxlab.data.io import read_image, read_mask
 from ptxlab.data.synthetic import SyntheticSpec, is_positive, materialize, render_case
@@ -60,6 +61,7 @@ def test_materialize_writes_a_folder_layout_once(tmp_path):
     assert cases[0].image.stat().st_mtime_ns == stamp  # not regenerated
 
 
+@pytest.mark.slow
 def test_processes_asking_at_once_get_one_complete_copy(tmp_path):
     spec = SyntheticSpec(n_images=30, positive_fraction=0.5, size=96, seed=7)
     with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:

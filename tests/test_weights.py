@@ -54,6 +54,7 @@ def _assert_encoder_holds(model: torch.nn.Module, timm_state: dict[str, torch.Te
         torch.testing.assert_close(tensor, timm_state[key.removeprefix("model.")], msg=key)
 
 
+@pytest.mark.slow
 def test_converted_lite0_classifies_a_cat(lite0_home: Path) -> None:
     network = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     network.load_state_dict(load_file(_lite0_file(lite0_home)), strict=True)
@@ -66,6 +67,7 @@ def test_converted_lite0_classifies_a_cat(lite0_home: Path) -> None:
     assert float(probabilities[list(CAT_CLASSES)].sum()) > 0.5
 
 
+@pytest.mark.slow
 def test_registered_name_loads_every_encoder_tensor(
     lite0_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -81,6 +83,7 @@ def test_registered_name_loads_every_encoder_tensor(
         assert not torch.allclose(model(x), before, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_registered_name_needs_its_encoder_and_is_converted_on_first_use(offline: Path) -> None:
     with pytest.raises(WeightsError, match="holds tu-tf_efficientnet_lite0 weights"):
         apply_encoder_weights(_unet("tu-resnet18"), "tu-resnet18", "lite0-imagenet")
@@ -90,6 +93,7 @@ def test_registered_name_needs_its_encoder_and_is_converted_on_first_use(offline
     assert converted.is_file() and str(converted) in note
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["encoder.pt", "smp_model.pth", "encoder.safetensors"])
 def test_local_state_dict_files_load(lite0_home: Path, tmp_path: Path, layout: str) -> None:
     source = _unet()
@@ -106,6 +110,7 @@ def test_local_state_dict_files_load(lite0_home: Path, tmp_path: Path, layout: s
     _assert_encoder_holds(model, load_file(_lite0_file(lite0_home)))
 
 
+@pytest.mark.slow
 def test_imagenet_prefers_the_hub_cache(lite0_home: Path, offline: Path) -> None:
     """A hub-cache entry (laid out as huggingface_hub stores it) is used without the network."""
     repo = offline / "models--timm--tf_efficientnet_lite0.in1k"
@@ -120,6 +125,7 @@ def test_imagenet_prefers_the_hub_cache(lite0_home: Path, offline: Path) -> None
     _assert_encoder_holds(model, load_file(_lite0_file(lite0_home)))
 
 
+@pytest.mark.slow
 def test_imagenet_falls_back_to_the_imported_lite0(
     lite0_home: Path, offline: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
