@@ -245,7 +245,10 @@ def step_evaluate_predict(check: Check, run_id: str) -> None:
     started = time.time()
     error, out = check.call("evaluate", ["-m", "ptxlab", "evaluate", run_id, "--data",
                                          str(phantoms), "--layout", "folder", "--json"])
-    metrics = {} if error else json.loads(out.splitlines()[-1])
+    try:
+        metrics = {} if error else json.loads(out.splitlines()[-1])["metrics"]
+    except (ValueError, KeyError, IndexError) as problem:
+        error, metrics = f"evaluate --json printed no metrics ({problem!r})", {}
     check.record("evaluate", started, error, run_id=run_id, metrics=metrics)
 
     started, predictions = time.time(), check.work / "predictions"
