@@ -7,9 +7,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+import ptxlab
 from ptxlab.cli import app
 from ptxlab.config import load_config
-from ptxlab.experiment import run_experiment
+from ptxlab.experiment import prepare_data, run_experiment
+from ptxlab.inference import predict
+from ptxlab.metrics import score
+from ptxlab.model import build_model
+from ptxlab.postprocess import PostProcessing, choose
 from ptxlab.train import NonFiniteLossError
 from tests.conftest import TINY_RUN
 
@@ -23,9 +28,29 @@ def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
     return found
 
 
+# TINY_RUN, long enough to learn: ImageNet encoder weights, 128² phantoms, a few epochs.
+LEARNING_RUN = TINY_RUN + ["model.encoder_weights=lite0-imagenet", "data.synthetic.n_images=96",
+                           "data.synthetic.size=128", "data.image_size=128",
+                           "model.decoder_channels=[32,32,16,16,8]", "train.epochs=5"]
+
+
+def untrained_validation_dice(config) -> float:
+    """Pooled validation Dice of the same network before training, on the same validation
+    cases, post-processed by the same search the run makes."""
+    data = prepare_data(config, progress=False)
+    torch.manual_seed(config.seed)
+    model, _ = build_model(config.model)
+    predictions = predict(model, data.val, torch.device("cpu"), progress=False)
+    pp = config.postprocess
+    chosen = choose(predictions.probs, predictions.truths,
+                    PostProcessing(pp.rule, resolution=pp.resolution), pp.search, pp.objective,
+                    config.model.gate, predictions.class_probs)
+    return score(predictions, chosen.rule)["pooled_dice"]
+
+
 @pytest.mark.slow
 def test_run_logs_a_complete_mlflow_run(isolated_store):
-    args = ["run"] + [arg for override in TINY_RUN for arg in ("--set", override)]
+    args = ["run"] + [arg for override in LEARNING_RUN for arg in ("--set", override)]
     result = runner.invoke(app, args + ["--set", "tracking.experiment=tiny"])
     assert result.exit_code == 0, result.output
     run_id = result.output.split("run id: ")[1].split()[0]
@@ -36,14 +61,21 @@ def test_run_logs_a_complete_mlflow_run(isolated_store):
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "tiny"
     params = run.data.params
-    assert params["train.batch_size"] == "4" and params["data.image_size"] == "64"
-    assert params["model.encoder"] == "tu-tf_efficientnet_lite0"
+    config = load_config(None, LEARNING_RUN + ["tracking.experiment=tiny"])
+    assert params["train.batch_size"] == "4" and params["data.image_size"] == "128"
+    # every key of the resolved config is logged with its value
+    assert {key: params.get(key) for key in config.flat()} == {
+        key: str(value) for key, value in config.flat().items()}
     assert "chosen.postprocess.threshold" in params
+    epochs = len(client.get_metric_history(run_id, "val_dice"))
+    assert 1 <= epochs <= config.train.epochs
     for key in ("train_loss", "val_loss", "val_iou", "val_dice", "lr", "images_per_s"):
-        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1], key
-    assert 0.0 <= run.data.metrics["best_val_pooled_dice"] <= 1.0
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(epochs)), key
+    # It learns: validation Dice well above the same network's before training.
+    untrained = untrained_validation_dice(config)
+    assert run.data.metrics["best_val_pooled_dice"] > max(0.3, 3 * untrained), untrained
     tags = run.data.tags
-    assert tags["ptxlab.device"] == "cpu" and tags["ptxlab.version"]
+    assert tags["ptxlab.device"] == "cpu" and tags["ptxlab.version"] == ptxlab.__version__
     assert "mlflow.source.git.commit" in tags
 
     artifacts = _artifacts(client, run_id)
@@ -55,7 +87,7 @@ def test_run_logs_a_complete_mlflow_run(isolated_store):
     } <= artifacts
     split_path = client.download_artifacts(run_id, "data/split.json", str(isolated_store))
     split = json.loads(open(split_path).read())
-    assert len(split["train"]) + len(split["val"]) == 24
+    assert len(split["train"]) + len(split["val"]) == 96
     assert not set(split["train"]) & set(split["val"])
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {
         "synthetic-training", "synthetic-validation"}
@@ -75,12 +107,6 @@ def test_non_finite_loss_fails_the_run_with_a_reason(isolated_store):
 @pytest.mark.slow
 def test_untrained_network_scores_near_zero_dice(isolated_store):
     """The synthetic task is not trivial: a random network's masks barely overlap the truth."""
-    from ptxlab.experiment import prepare_data
-    from ptxlab.inference import predict
-    from ptxlab.metrics import score
-    from ptxlab.model import build_model
-    from ptxlab.postprocess import PostProcessing
-
     config = load_config(None, TINY_RUN)
     data = prepare_data(config, progress=False)
     torch.manual_seed(0)
