@@ -10,11 +10,11 @@ import pytest
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
-def run_benchmark(script: str, *args: str) -> str:
+def run_benchmark(script: str, *args: str, timeout: int = 300) -> str:
     """Run benchmarks/`script` with `args`; fail with its output unless it exits 0."""
     finished = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args],
-        capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent,
+        capture_output=True, text=True, timeout=timeout, cwd=BENCHMARKS.parent,
     )
     assert finished.returncode == 0, finished.stdout + finished.stderr
     return finished.stdout
@@ -46,7 +46,7 @@ def test_loader_reports_rates_and_the_cache_ratio(siim_sample):
 
 @pytest.mark.slow
 def test_study_cost_trains_once_per_configuration_and_repeat_for_the_same_metrics():
-    output = run_benchmark("study_cost.py", "--epochs", "1", "--repeats", "1")
+    output = run_benchmark("study_cost.py", "--epochs", "1", "--repeats", "1", timeout=900)
     assert re.search(r"scored on stored maps *: 8 trials, 2 trainings", output)
     assert re.search(r"every trial trains \(share_trainings: false\): 8 trials, 8 trainings",
                      output)
