@@ -51,9 +51,10 @@ def run(path: Path) -> dict:
     started = time.perf_counter()
     result = run_sweep(path, log=lambda text: None)
     wall = time.perf_counter() - started
-    assert result.counts.complete == result.budget, result.counts
     handle, _ = load_existing(str(path), None)
     trials = handle.study.get_trials(deepcopy=False)
+    failures = {t.user_attrs.get("fail_reason") for t in trials if "fail_reason" in t.user_attrs}
+    assert result.counts.complete == result.budget, (result.counts, failures)
     trained = [t for t in trials if t.user_attrs.get("ptxlab.role") == "train"]
     return {
         "trials": len(trials),
