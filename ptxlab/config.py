@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -156,6 +157,9 @@ class TrainConfig(_Section):
     average_top_k: int | None = Field(
         None, ge=2, description="average the weights of the k best epochs at the end; the "
         "average becomes the model when it validates better")
+    keep_checkpoints: bool = Field(
+        False, description="keep the local checkpoints of a FINISHED run (the best model is an "
+                           "MLflow artifact either way)")
 
 
 class PostprocessConfig(_Section):
@@ -320,10 +324,13 @@ def set_dotted(tree: dict[str, Any], path: list[str], value: Any) -> None:
         section = annotation
 
 
-def describe_error(error: ValidationError, source: str) -> str:
-    """pydantic's first problem as one line: '<source>: <key>: <problem>'."""
+def describe_error(error: ValidationError, source: str, overridden: Collection[str] = ()) -> str:
+    """pydantic's first problem as one line: '<source>: <key>: <problem>', where the source is
+    `--set` for a key in `overridden`."""
     first = error.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
+    if key in overridden:
+        source = "--set"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
@@ -333,12 +340,13 @@ def describe_error(error: ValidationError, source: str) -> str:
     return f"{source}: {key}: {message}" if key else f"{source}: {message}"
 
 
-def validate(tree: dict[str, Any], source: str) -> Config:
-    """The Config of a nested dict; a problem is one ConfigError line naming `source`."""
+def validate(tree: dict[str, Any], source: str, overridden: Collection[str] = ()) -> Config:
+    """The Config of a nested dict; a problem is one ConfigError line naming `source` (or
+    `--set` for a key in `overridden`)."""
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(describe_error(err, source)) from None
+        raise ConfigError(describe_error(err, source, overridden)) from None
 
 
 def read_yaml_mapping(path: Path, kind: str) -> dict[str, Any]:
@@ -358,7 +366,8 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
     """Read a YAML config (or the defaults), apply overrides, validate. Errors are one line."""
     source = str(path) if path else "defaults"
     tree = read_yaml_mapping(Path(path), "config") if path is not None else {}
-    return validate(apply_overrides(tree, overrides or []), source)
+    overridden = {item.split("=", 1)[0].strip() for item in overrides or []}
+    return validate(apply_overrides(tree, overrides or []), source, overridden)
 
 
 def config_as_text(config: Config, fmt: Literal["yaml", "json"] = "yaml") -> str:

@@ -6,16 +6,16 @@ nothing of MLflow; this module wires them to `tracking`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ptxlab import artifacts, distributed, environment, plots, preflight, tracking
+from ptxlab import artifacts, distributed, plots, preflight, retention, tracking
 from ptxlab.augment import build_eval_transform, build_train_transform, serialize
 from ptxlab.config import Config
-from ptxlab.data.cases import Case
 from ptxlab.data.dataset import SegmentationDataset, random_split, stratified_split
 from ptxlab.data.sources import SYNTHETIC, cached_size, load_source, training_pairs
 from ptxlab.evaluation import evaluate_run
@@ -40,6 +40,9 @@ from ptxlab.train import (
     train,
 )
 
+SHOWN_SKIPPED = 3
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class RunSummary:
@@ -58,23 +61,19 @@ class PreparedData:
     train: SegmentationDataset
     val: SegmentationDataset
     digest: str
-    skipped: list[tuple[Case, str]]
-
-
-def checkpoint_root() -> Path:
-    return environment.checkpoints_dir() or tracking.local_store() / "checkpoints"
+    skipped: list[str]  # one '<file>: <problem>' per file data.skip_bad left out
 
 
 def checkpoint_dir(run_id: str) -> Path:
     """Local working copies of a run's checkpoints (what `--resume` continues from)."""
-    return checkpoint_root() / run_id
+    return retention.checkpoint_root() / run_id
 
 
 def prepare_data(config: Config, progress: bool = True) -> PreparedData:
     """Cases of the configured source, split, cached (at training size unless augmenting at the
     source size), wrapped as datasets."""
     data = config.data
-    cases = load_source(data, data.source, data.layout, progress=progress)
+    cases, problems = load_source(data, data.source, data.layout, progress=progress)
     order = config.augment.order
     # raises unless data.skip_bad
     pairs = training_pairs(data, cases, cached_size(data, order), progress=progress)
@@ -93,7 +92,7 @@ def prepare_data(config: Config, progress: bool = True) -> PreparedData:
         train=SegmentationDataset(train_cases, pairs.load, train_transform, config.seed),
         val=SegmentationDataset(val_cases, pairs.load, build_eval_transform(size), config.seed),
         digest=pairs.digest,
-        skipped=pairs.skipped,
+        skipped=[str(problem) for problem in problems] + [line for _, line in pairs.skipped],
     )
 
 
@@ -112,6 +111,15 @@ def datasets_at(config: Config, data: PreparedData
     return at
 
 
+def warn_skipped(skipped: list[str], run_id: str) -> None:
+    """What data.skip_bad left out, once on the console: count, the first few, the full list."""
+    if skipped:
+        shown = "; ".join(skipped[:SHOWN_SKIPPED])
+        more = f"; and {len(skipped) - SHOWN_SKIPPED} more" if len(skipped) > SHOWN_SKIPPED else ""
+        logger.warning("data.skip_bad left out %d files: %s%s (all of them: artifact %s of run %s)",
+                       len(skipped), shown, more, artifacts.SKIPPED, run_id)
+
+
 def _log_inputs(config: Config, config_text: str | None, data: PreparedData) -> None:
     tracking.log_params(config.flat())
     tracking.log_text(config.to_yaml(), artifacts.RESOLVED_CONFIG)
@@ -122,7 +130,7 @@ def _log_inputs(config: Config, config_text: str | None, data: PreparedData) -> 
              "val": [c.case_id for c in data.val.cases]}
     tracking.log_dict(split, artifacts.SPLIT)
     if data.skipped:
-        tracking.log_text("\n".join(f"{c.image}: {p}" for c, p in data.skipped), artifacts.SKIPPED)
+        tracking.log_text("\n".join(data.skipped) + "\n", artifacts.SKIPPED)
     tracking.log_metrics({"data_skipped": len(data.skipped)})
     for context in ("training", "validation"):
         tracking.log_dataset(_dataset_input(config, data, context), context)
@@ -156,8 +164,11 @@ def run_experiment(
     if not ranks.is_main:
         return _train_as_other_rank(config, ranks)
     with distributed.Handoff(ranks) as handoff:
-        return _run_as_main_rank(config, config_text, resume_run_id, parent_run_id, tags,
-                                 extra_callbacks, progress, handoff)
+        summary = _run_as_main_rank(config, config_text, resume_run_id, parent_run_id, tags,
+                                    extra_callbacks, progress, handoff)
+    if not config.train.keep_checkpoints:  # FINISHED: the best model is an MLflow artifact
+        retention.remove_checkpoints(checkpoint_dir(summary.run_id))
+    return summary
 
 
 def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: str | None,
@@ -167,7 +178,7 @@ def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: st
     """Rank 0 (or the only process): data, MLflow run, training, post-processing, test set."""
     shown = display() if progress else "none"
     progress = shown == "bar"  # bars for data preparation and prediction, too
-    preflight.check_run(config, checkpoint_root(), tracking.tracking_uri())
+    preflight.check_run(config, retention.checkpoint_root(), tracking.tracking_uri())
     resume_from = checkpoint_dir(resume_run_id) / "last.pt" if resume_run_id else None
     if resume_from is not None and not resume_from.exists():
         raise FileNotFoundError(f"{resume_from}: no checkpoint to resume run {resume_run_id}")
@@ -180,6 +191,7 @@ def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: st
         workdir = checkpoint_dir(run_id)
         if not resume_run_id:
             _log_inputs(config, config_text, data)
+            warn_skipped(data.skipped, run_id)
         handoff.send((run_id, resume_from))
         callbacks = _Callbacks(tracking.MlflowCallbacks(run_id, resumed=bool(resume_run_id)),
                                EpochReporter(shown), extra_callbacks)

@@ -29,8 +29,8 @@ SLACK_BYTES = 16 << 20  # logs, plots, probability maps, SQLite growth
 TIMEOUT_HELP = "tracking.preflight_timeout_s sets how long to wait"
 
 
-class PreflightError(ValueError):
-    """Something a run needs is missing; the message says what and how to fix it."""
+class PreflightError(OSError):
+    """Something a run needs from its machine is missing; the message says what and the fix."""
 
 
 def check_run(config: Config, checkpoints: Path, tracking_uri: str) -> None:
@@ -91,6 +91,8 @@ def _check_tcp(uri: str, host: str, port: int, timeout_s: float) -> None:
 
 def check_writable(folder: Path, label: str) -> None:
     """Create `folder` if needed and write (then remove) a file in it."""
+    if folder.exists() and not folder.is_dir():
+        raise PreflightError(f"{label} {folder}: is a file, not a folder; point it at a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".ptxlab-probe.")

@@ -103,6 +103,16 @@ def configure() -> MlflowClient:
     return client
 
 
+def run_status(run_id: str) -> str | None:
+    """FINISHED, FAILED, KILLED, RUNNING or SCHEDULED; None where the store holds no such run
+    (or only a deleted one)."""
+    try:
+        run = configure().get_run(run_id)
+    except MlflowException:
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else run.info.status
+
+
 def require_run(run_id: str) -> None:
     """A one-line ValueError unless the tracking store holds run `run_id`."""
     try:

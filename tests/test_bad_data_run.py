@@ -48,13 +48,25 @@ def test_a_broken_file_stops_the_run_before_training(folder_with_a_truncated_ima
 
 
 @pytest.mark.slow
-def test_skip_bad_skips_counts_and_logs_it(folder_with_a_truncated_image):
+def test_skip_bad_skips_image_and_mask_problems_and_says_so_once(folder_with_a_truncated_image):
     root, broken = folder_with_a_truncated_image
+    images = sorted((root / "images").iterdir())
+    no_mask = images[-1]
+    (root / "masks" / no_mask.name).unlink()  # an image without its mask
+    orphan = root / "masks" / "orphan.png"  # a mask without its image
+    orphan.symlink_to((root / "masks" / images[1].name).resolve())
     result = _run(root, "data.skip_bad=true")
     assert result.returncode == 0, result.stderr
     run_id = result.stdout.split("run id: ")[1].split()[0]
     client = MlflowClient()
     run = client.get_run(run_id)
-    assert run.data.metrics["data_skipped"] == 1
+    assert run.data.metrics["data_skipped"] == 3
+    [warning] = [line for line in result.stderr.splitlines() if "skip_bad" in line]
+    assert warning.startswith("data.skip_bad left out 3 files: ")
+    assert f"artifact data/skipped.txt of run {run_id}" in warning
     skipped = client.download_artifacts(run_id, "data/skipped.txt", str(root.parent))
-    assert str(broken) in open(skipped).read()
+    lines = open(skipped).read().splitlines()
+    assert len(lines) == 3
+    for path in (broken, root / "masks" / no_mask.name, orphan):
+        [line] = [line for line in lines if str(path) in line]
+        assert line.startswith(f"{path}: ") and line.count(str(path)) == 1

@@ -1,6 +1,8 @@
 """The command line: help for every command, one-line errors, and `ptxlab ui` really serving."""
 
+import contextlib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -8,14 +10,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
 from ptxlab.cli import app
+from tests.servers import stop_process_group
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["run", "sweep", "report", "evaluate", "predict", "ui", "config", "data", "weights",
+COMMANDS = ["run", "sweep", "report", "evaluate", "predict", "ui", "gc", "config", "data", "weights",
             "augment"]
 
 
@@ -47,7 +51,7 @@ def test_top_level_help_lists_every_command():
 
 
 @pytest.mark.parametrize("command", [["run"], ["sweep"], ["report"], ["evaluate"], ["predict"],
-                                     ["ui"], ["config", "show"], ["data", "check"],
+                                     ["ui"], ["gc"], ["config", "show"], ["data", "check"],
                                      ["weights", "import-lite0"], ["augment", "preview"]])
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
@@ -91,24 +95,41 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait_for_health(port: int, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                assert r.read().decode().strip() == "OK"
+                return
+        except OSError:
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "ptxlab ui did not come up"
+            time.sleep(0.5)
+
+
 @pytest.mark.slow
-def test_ui_serves_the_local_store_on_loopback(isolated_store, monkeypatch):
+def test_ui_serves_the_local_store_and_nothing_of_it_outlives_a_sigterm(isolated_store,
+                                                                        monkeypatch):
+    """What a supervisor, a container runtime or the test suite does: SIGTERM to `ptxlab ui`
+    alone. The MLflow server and its uvicorn workers (another process group) go with it."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "ptxlab", "ui", "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ui = subprocess.Popen([sys.executable, "-m", "ptxlab", "ui", "--port", str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+    server: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    assert r.read().decode().strip() == "OK"
-                    break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()
-                assert time.monotonic() < deadline, "ptxlab ui did not come up"
-                time.sleep(0.5)
+        _wait_for_health(port, ui)
         assert (isolated_store / "mlruns" / "mlflow.db").is_file()
+        server = psutil.Process(ui.pid).children(recursive=True)
+        assert server, "the MLflow server runs in processes of its own"
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(timeout=60) != 0
+        _, alive = psutil.wait_procs(server, timeout=5)
+        assert not alive, [process.cmdline() for process in alive]
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process_group(ui)  # should this test fail, nothing of it is left running
+        for process in server:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()

@@ -103,8 +103,7 @@ def test_only_geometry_leaves_the_reader(tmp_path):
     assert "Doe" not in repr(image) and "P123" not in repr(image)
 
 
-@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
-def test_truncated_dicom_is_one_line_error_without_patient_data(tmp_path, siim_sample):
+def test_truncated_dicom_is_one_line_error_without_patient_data(tmp_path, siim_sample, recwarn):
     source = sorted((siim_sample / "dicom").glob("*.dcm"))[0]
     truncated = tmp_path / "truncated.dcm"
     for keep in (1_000, 20_000, source.stat().st_size - 10):
@@ -115,6 +114,7 @@ def test_truncated_dicom_is_one_line_error_without_patient_data(tmp_path, siim_s
             str(error.value)
             == f"{truncated}: no pixel data (the file is truncated, or holds no image)"
         )
+    assert not [warning for warning in recwarn if "pydicom" in warning.filename]
 
     tagged = write_dicom(
         tmp_path / "short.dcm", np.zeros((64, 64), np.uint8), PatientName="Doe^Jane"

@@ -2,6 +2,7 @@
 tracking server, a full disk, unknown run ids, racing exit codes under --nproc."""
 
 import errno
+import json
 import os
 import shutil
 import sqlite3
@@ -14,15 +15,18 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
 from ptxlab import atomic
+from ptxlab.cli import app
 from ptxlab.cli.errors import one_line
-from ptxlab.config import load_config
+from ptxlab.config import ConfigError, load_config
 from ptxlab.data.cache import ResizedCache
 from ptxlab.data.synthetic import SyntheticSpec, materialize
 from ptxlab.distributed import exit_status
 from ptxlab.experiment import run_experiment
-from ptxlab.train import TrainingCallbacks
+from ptxlab.sweep import run_sweep
+from ptxlab.train import NonFiniteLossError, TrainingCallbacks
 from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).parents[1]
@@ -97,13 +101,7 @@ def test_two_runs_started_at_once_in_a_fresh_directory_both_finish(tmp_path):
 
 @pytest.mark.slow
 def test_two_sweep_workers_on_a_fresh_journal_and_store_share_one_study(tmp_path):
-    tree = yaml.safe_load((ROOT / "experiments/studies/smoke.yaml").read_text())
-    tree.update(base=str(ROOT / "experiments" / "default.yaml"), name=f"t-{uuid.uuid4().hex[:8]}",
-                space={"optim.lr": {"type": "categorical", "choices": [0.003, 1.0e-7]}},
-                repeats=1, hypotheses=[])
-    tree["set"].update({"train.epochs": 1})
-    study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump(tree, sort_keys=False))
+    study = tiny_study(tmp_path)
     env = fresh_directory_env(tmp_path)
     command = [*PTXLAB, "sweep", str(study), "--workers", "1"]
     results = start_together([command, command], tmp_path, env)
@@ -273,3 +271,81 @@ def test_a_run_on_a_full_disk_stops_in_preflight_naming_the_folder(isolated_stor
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: cache directory (data.cache_dir or PTXLAB_CACHE)") or (
         line.startswith(f"error: {small_fs.root / 'cache'}") and "free" in line), line
+
+
+def tiny_study(directory: Path, **changes) -> Path:
+    """The shipped smoke study cut to two one-epoch trials."""
+    tree = yaml.safe_load((ROOT / "experiments/studies/smoke.yaml").read_text())
+    tree.update(base=str(ROOT / "experiments" / "default.yaml"), name=f"t-{uuid.uuid4().hex[:8]}",
+                space={"optim.lr": {"type": "categorical", "choices": [0.003, 1.0e-7]}},
+                repeats=1, hypotheses=[], **changes)
+    tree["set"].update({"train.epochs": 1})
+    study = directory / "study.yaml"
+    study.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return study
+
+
+@pytest.mark.slow
+def test_finished_runs_leave_no_checkpoints_and_gc_frees_what_is_left(isolated_store):
+    checkpoints = isolated_store / "checkpoints"
+    run_sweep(tiny_study(isolated_store))
+    client = MlflowClient()
+    trials = client.search_runs([client.get_experiment_by_name("ptxlab-smoke").experiment_id],
+                                "tags.`mlflow.parentRunId` != ''")
+    assert len(trials) == 2 and {run.info.status for run in trials} == {"FINISHED"}
+    assert not [path for path in checkpoints.iterdir() if path.name in
+                {run.info.run_id for run in trials}]
+
+    kept = run_experiment(load_config(None, [*TINY_RUN, "train.epochs=1",
+                                             "train.keep_checkpoints=true"]), progress=False)
+    with pytest.raises(NonFiniteLossError):
+        run_experiment(load_config(None, [*TINY_RUN, "optim.lr=1e30"]), progress=False)
+    [failed] = [path.name for path in checkpoints.iterdir() if path.name != kept.run_id]
+    assert client.get_run(failed).info.status == "FAILED"
+    assert (checkpoints / failed / "last.pt").is_file()  # kept, so that it can resume
+
+    dry = CliRunner().invoke(app, ["gc", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert f"would remove {checkpoints / kept.run_id} (" in dry.output
+    assert "run finished" in dry.output and failed not in dry.output
+    assert dry.output.strip().splitlines()[-1].startswith("would free ")
+    assert (checkpoints / kept.run_id).is_dir()  # a dry run removes nothing
+
+    done = CliRunner().invoke(app, ["gc", "--older-than", "0"])
+    assert done.exit_code == 0, done.output
+    assert sorted(path.name for path in checkpoints.iterdir()) == []
+    assert done.output.strip().splitlines()[-1].startswith("freed ")
+
+
+def test_a_bad_set_value_names_the_override_not_the_defaults():
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, ["train.epochs=abc"])
+    assert str(raised.value).startswith("--set: train.epochs: ")
+
+
+def test_data_check_keeps_whole_file_names_when_piped(tmp_path):
+    long_name = "1.2.276.0.7230010.3.1.4.8323329.5597.1517875188.959090" * 2 + ".png"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "images" / long_name).write_bytes(b"not a png")
+    result = CliRunner().invoke(app, ["data", "check", str(tmp_path)])
+    assert result.exit_code == 1
+    assert str(tmp_path / "masks" / long_name) in result.stdout
+
+
+def test_json_commands_print_json_on_errors_too(tmp_path):
+    result = CliRunner().invoke(app, ["data", "check", str(tmp_path / "nowhere"), "--json"])
+    assert result.exit_code == 2
+    assert json.loads(result.stdout) == {"error": f"{tmp_path / 'nowhere'}: no such folder"}
+    assert result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such folder"
+
+
+def test_an_unusable_cache_directory_is_called_the_cache_directory(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "images").mkdir()
+    result = CliRunner().invoke(app, ["data", "cache", str(tmp_path), "--size", "32",
+                                      "--cache-dir", str(tmp_path / "a-file")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: cache directory (--cache-dir or PTXLAB_CACHE) "
+                                     f"{tmp_path / 'a-file'}: is a file, not a folder; point it "
+                                     "at a folder")

@@ -2,7 +2,7 @@
 
 import typer
 
-from ptxlab.cli import augment, config, data, evaluate, predict, report, run, sweep, ui, weights
+from ptxlab.cli import augment, config, data, evaluate, gc, predict, report, run, sweep, ui, weights
 from ptxlab.cli.errors import fail_cleanly
 from ptxlab.compat import check_torch_pair
 
@@ -28,6 +28,7 @@ app.command("report")(report.report)
 app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
 app.command("ui")(ui.ui)
+app.command("gc")(gc.gc)
 app.add_typer(config.app, name="config")
 app.add_typer(data.app, name="data")
 app.add_typer(weights.app, name="weights")

@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 SHOWN_PROBLEMS = 50
+FILE_WIDTH = 1000  # console width when not a terminal; tables only take what they need
 
 
 PathArg = Annotated[
@@ -55,7 +56,7 @@ def check(
     """Read every image and mask; exit 0 only if nothing is wrong (1: problems, 2: unusable)."""
     from ptxlab.data.check import check_dataset
 
-    with fail_cleanly():
+    with fail_cleanly(as_json):
         report = check_dataset(
             path,
             layout,
@@ -94,16 +95,19 @@ def cache(
     """Decode and resize every case once, so training loads small arrays instead."""
     from ptxlab.data.cache import ResizedCache, default_cache_dir
     from ptxlab.data.layouts import load_cases, scan_layout, warn_left_out
+    from ptxlab.preflight import check_writable
 
     options = {"missing_mask_is_negative": missing_mask_is_negative, "rle_csv": rle_csv}
     with fail_cleanly():
+        root = cache_dir or default_cache_dir()
+        check_writable(root, "cache directory (--cache-dir or PTXLAB_CACHE)")
         if skip_bad:
             scan = scan_layout(path, layout, **options)
             warn_left_out(path, scan)
             cases, skipped = scan.cases, [str(problem) for problem in scan.problems]
         else:
             cases, skipped = load_cases(path, layout, **options), []
-        resized = ResizedCache((cache_dir or default_cache_dir()) / "resized", size)
+        resized = ResizedCache(root / "resized", size)
         skipped_cases = resized.ensure(cases, skip_bad=skip_bad, progress=sys.stderr.isatty())
     for problem in skipped + [problem for _, problem in skipped_cases]:
         typer.echo(f"skipped: {problem}", err=True)
@@ -113,6 +117,8 @@ def cache(
 
 def _print_report(report: CheckReport) -> None:
     console = Console(highlight=False)
+    if not console.is_terminal:  # piped or redirected: never cut a file name to fit 80 columns
+        console.width = FILE_WIDTH
     summary = Table(title=f"{report.root} ({report.layout})", show_header=False)
     summary.add_column(style="bold")
     summary.add_column(justify="right")

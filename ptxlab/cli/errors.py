@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,10 +22,14 @@ def one_line(error: BaseException) -> str:
 
 
 @contextmanager
-def fail_cleanly() -> Iterator[None]:
+def fail_cleanly(as_json: bool = False) -> Iterator[None]:
+    """Expected errors: `error: <one line>` on stderr, exit 2; with `as_json` (a command's
+    --json) also `{"error": <one line>}` on stdout, so its reader always gets JSON."""
     try:
         yield
     except EXPECTED as error:
+        if as_json:
+            print(json.dumps({"error": one_line(error)}))
         console = Console(stderr=True, highlight=False, soft_wrap=True)
         console.print(Text("error: ", style="bold red") + one_line(error))
         raise typer.Exit(2) from None

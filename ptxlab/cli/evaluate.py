@@ -34,7 +34,7 @@ def evaluate(
     batch_size: BatchSizeOption = 8,
 ) -> None:
     """Score a run at each image's native resolution and log the results into that run."""
-    with fail_cleanly():
+    with fail_cleanly(as_json):
         from ptxlab.evaluation import evaluate_run
 
         evaluation = evaluate_run(run_id, data, layout, tta, name, batch_size,

@@ -6,6 +6,7 @@ logged or put in an error message.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def read_dicom(path: Path) -> DicomImage:
     """
     path = Path(path)
     try:
-        dataset = pydicom.dcmread(path)
+        with warnings.catch_warnings():  # a truncated file's warning says what the error says
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises many types for bad or truncated files
         raise DataError(path, f"not a readable DICOM file: {_one_line(exc)}") from exc
     if "PixelData" not in dataset:

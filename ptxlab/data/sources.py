@@ -11,10 +11,10 @@ import numpy as np
 
 from ptxlab.config import DataConfig
 from ptxlab.data.cache import ResizedCache, default_cache_dir
-from ptxlab.data.cases import Case
+from ptxlab.data.cases import Case, DataError
 from ptxlab.data.dataset import PairLoader
 from ptxlab.data.io import read_image, read_mask
-from ptxlab.data.layouts import load_cases
+from ptxlab.data.layouts import load_cases, scan_layout, warn_left_out
 from ptxlab.data.synthetic import SyntheticSpec, materialize
 
 SYNTHETIC = "synthetic"
@@ -28,14 +28,22 @@ def synthetic_root(config: DataConfig) -> Path:
     return cache_root(config) / "synthetic"
 
 
-def load_source(config: DataConfig, source: str, layout: str, progress: bool = True) -> list[Case]:
-    """Cases of `source`: the embedded synthetic set, or a data set on disk in `layout`."""
+def load_source(config: DataConfig, source: str, layout: str, progress: bool = True
+                ) -> tuple[list[Case], list[DataError]]:
+    """Cases of `source` (the embedded synthetic set, or a data set on disk in `layout`) and
+    the layout's problems (a missing mask, a mask without its image). A problem raises its
+    DataError, unless `skip_bad`: then it is returned and its case left out."""
     if source == SYNTHETIC:
         synthetic = config.synthetic
         spec = SyntheticSpec(synthetic.n_images, synthetic.positive_fraction, synthetic.size,
                              synthetic.seed)
-        return materialize(spec, synthetic_root(config), progress=progress)
-    return load_cases(Path(source), layout, missing_mask_is_negative=config.missing_mask_is_negative)
+        return materialize(spec, synthetic_root(config), progress=progress), []
+    options = {"missing_mask_is_negative": config.missing_mask_is_negative}
+    if not config.skip_bad:
+        return load_cases(Path(source), layout, **options), []
+    scan = scan_layout(Path(source), layout, **options)
+    warn_left_out(Path(source), scan)
+    return scan.cases, scan.problems
 
 
 def read_pair(case: Case) -> tuple[np.ndarray, np.ndarray]:
