@@ -47,9 +47,11 @@ def size_of(path: Path) -> int:
 
 
 def last_used(path: Path) -> float:
-    """The latest access or modification time of `path` or anything inside it."""
+    """The latest modification of `path` or anything in it, or read of a file in it (listing a
+    folder updates its access time, so folders count by modification only)."""
     items = [path, *path.rglob("*")] if path.is_dir() else [path]
-    stamps = [max(item.lstat().st_atime, item.lstat().st_mtime) for item in items]
+    stamps = [item.lstat().st_mtime if item.is_dir() else
+              max(item.lstat().st_atime, item.lstat().st_mtime) for item in items]
     return max(stamps)
 
 

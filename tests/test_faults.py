@@ -302,7 +302,7 @@ def test_finished_runs_leave_no_checkpoints_and_gc_frees_what_is_left(isolated_s
         run_experiment(load_config(None, [*TINY_RUN, "optim.lr=1e30"]), progress=False)
     [failed] = [path.name for path in checkpoints.iterdir() if path.name != kept.run_id]
     assert client.get_run(failed).info.status == "FAILED"
-    assert (checkpoints / failed / "last.pt").is_file()  # kept, so that it can resume
+    assert (checkpoints / failed).is_dir()  # a FAILED run keeps its folder, to resume from
 
     dry = CliRunner().invoke(app, ["gc", "--dry-run"])
     assert dry.exit_code == 0, dry.output
