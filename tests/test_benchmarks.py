@@ -48,7 +48,7 @@ def test_loader_reports_rates_and_the_cache_ratio(siim_sample):
 def test_study_cost_trains_once_per_configuration_and_repeat_for_the_same_metrics():
     output = run_benchmark("study_cost.py", "--epochs", "1", "--repeats", "1", timeout=900)
     assert re.search(r"scored on stored maps *: 8 trials, 2 trainings", output)
-    assert re.search(r"every trial trains \(share_trainings: false\): 8 trials, 8 trainings",
+    assert re.search(r"every trial trains \(share_trainings: false\) *: 8 trials, 8 trainings",
                      output)
     assert "identical post-processing metrics" in output
     assert re.fullmatch(r"ratio \(training time, shared / every trial trains; expected about "
