@@ -423,7 +423,8 @@ def test_evaluation_only_factors_score_one_training_s_maps(isolated_store):
     study = load(path.stem, str(isolated_store / "mlruns" / "optuna" / f"{path.stem}.journal"))
     check_complete_grid(study, expected=8)
     check_arms_score_their_training(study)
-    assert len(os.listdir(isolated_store / "checkpoints")) == 4  # 2 LRs x 2 repeats trained
+    trained, scored = trainings_and_arms(result.parent_run_id)
+    assert (len(trained), len(scored)) == (4, 4)  # 2 LRs x 2 repeats trained, 4 arms scored
     for arm in (t for t in study.trials if t.user_attrs["ptxlab.role"] == "score"):
         training = study.trials[arm.user_attrs["training_trial"]]
         assert arm.intermediate_values == training.intermediate_values
