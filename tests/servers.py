@@ -5,6 +5,7 @@ headless Chromium, and commands whose whole process tree is bounded in time."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -165,7 +166,10 @@ def _serving(name: str, command: list[str], probe_url: str, workdir: Path, log: 
 
 
 def _venv_command(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
+    """The script `name` beside this interpreter, else (a venv on the system site-packages
+    installs no scripts of its own) the one on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name) or str(beside)
 
 
 @contextmanager

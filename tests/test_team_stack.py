@@ -185,7 +185,9 @@ def test_the_mlflow_ui_lists_the_sweep_and_shows_a_logged_figure(smoke_sweep, tm
                      "//button[contains(@data-component-id, 'runnamecellrenderer')]").click()
         wait_until(lambda: all(name in page_text() for name in child_names), UI_TIMEOUT_S,
                    f"child runs {child_names} listed")
-        browser.save_screenshot(str(tmp_path / "runs.png"))
+        shots = screenshot_folder(tmp_path)
+        keep_screenshot(browser, shots / "runs.png")
+        compare_the_trials(browser, sweep, shots)
 
         browser.get(f"{url}/#/experiments/{sweep.experiment_id}/runs/{child_run_id}/artifacts/"
                     f"{FIGURE}")
@@ -193,7 +195,7 @@ def test_the_mlflow_ui_lists_the_sweep_and_shows_a_logged_figure(smoke_sweep, tm
             "return Array.from(document.images).find(img => img.alt === arguments[0]"
             " && img.complete && img.naturalWidth > 0) || null", FIGURE),
             UI_TIMEOUT_S, f"{FIGURE} shown")
-        browser.save_screenshot(str(tmp_path / "figure.png"))
+        keep_screenshot(browser, shots / "figure.png")
         requested = browser.execute_script(
             "return performance.getEntriesByType('resource').map(entry => entry.name)")
         # The UI fetches the artifact from the server, then shows it from a blob: URL.
@@ -206,6 +208,57 @@ def test_the_mlflow_ui_lists_the_sweep_and_shows_a_logged_figure(smoke_sweep, tm
     assert (f"{url}/get-artifact?path={FIGURE.replace('/', '%2F')}&run_uuid={child_run_id}"
             in requested)
     assert base64.b64decode(shown_bytes) == Path(figure).read_bytes()
+
+
+def screenshot_folder(tmp_path: Path) -> Path:
+    """Where screenshots are kept: $PTXLAB_TEST_ARTIFACTS (CI uploads it) or the test's tmp dir."""
+    folder = Path(os.environ.get("PTXLAB_TEST_ARTIFACTS") or tmp_path) / "mlflow-ui"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def keep_screenshot(browser, path: Path) -> None:
+    browser.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+
+
+def table_row(text: str, name: str, cells: int) -> list[str] | None:
+    """The `cells` cells after `name` on the one line of the page text that holds a table row
+    of that name, or None when there is no such row."""
+    rows = [line.split()[1:] for line in text.splitlines()
+            if line.split()[:1] == [name] and len(line.split()) == cells + 1]
+    assert len(rows) <= 1, rows
+    return rows[0] if rows else None
+
+
+def compare_the_trials(browser, sweep: Sweep, shots: Path) -> None:
+    """With the parent unfolded, tick its children and press Compare, as a person would: the
+    parallel coordinates plot and the parameters table (differences only) show each trial's
+    learning rate."""
+    for trial in sweep.complete:
+        browser.find_element(
+            "xpath", f"//div[@role='row'][.//a[normalize-space()='{sweep.study}-{trial.number:04d}']]"
+                     "//input[contains(@class, 'ag-checkbox-input')]").click()
+    browser.find_element("xpath", "//button[normalize-space()='Compare']").click()
+    heading = f"Comparing {len(sweep.complete)} Runs from 1 Experiment"
+    wait_until(lambda: heading in browser.find_element("tag name", "body").text, UI_TIMEOUT_S,
+               "the compare view")
+    assert "#/compare-runs?" in browser.current_url
+    wait_until(lambda: browser.find_elements(
+        "xpath", "//*[local-name()='text'][normalize-space()='optim.lr']"), UI_TIMEOUT_S,
+        "optim.lr as an axis of the parallel coordinates plot")
+    diff_only = browser.find_element("xpath", "//button[@aria-label='Parameters - Show diff only']")
+    diff_only.click()
+    wait_until(lambda: diff_only.get_attribute("aria-checked") == "true", UI_TIMEOUT_S,
+               "show diff only switched on")
+    trials = len(sweep.complete)
+    wait_until(lambda: table_row(browser.find_element("tag name", "body").text, "train.epochs",
+                                 trials) is None, UI_TIMEOUT_S,
+               "parameters that differ between trials only")
+    keep_screenshot(browser, shots / "compare.png")
+    text = browser.find_element("tag name", "body").text
+    assert sorted(table_row(text, "optim.lr", trials)) == sorted(
+        str(t.params["optim.lr"]) for t in sweep.complete)
 
 
 def test_the_optuna_dashboard_shows_the_study(smoke_sweep, optuna_database, tmp_path):
