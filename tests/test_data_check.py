@@ -149,8 +149,8 @@ def test_cli_check_fails_on_a_broken_file(siim_sample, tmp_path):
     assert table.exit_code == 1 and "truncated PNG" in table.stdout
 
 
-def test_cli_check_unusable_folder_is_one_line_on_stderr(tmp_path):
+def test_cli_check_unusable_folder_is_one_line_on_stderr_and_json_on_stdout(tmp_path):
     result = CliRunner().invoke(app, ["data", "check", str(tmp_path / "absent"), "--json"])
     assert result.exit_code == 2
-    assert result.stdout == ""
+    assert json.loads(result.stdout) == {"error": f"{tmp_path / 'absent'}: no such folder"}
     assert result.stderr.strip() == f"error: {tmp_path / 'absent'}: no such folder"
