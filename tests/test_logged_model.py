@@ -30,7 +30,9 @@ from ptxlab.prediction import load_run, predict_files
 from tests.conftest import SIIM_SAMPLE, TINY_RUN, sample_rows
 
 # A fixed threshold on an untrained network: masks that are neither empty nor full.
-MODEL_RUN = [*TINY_RUN, "postprocess.search=false", "postprocess.threshold=0.5"]
+# keep_checkpoints: the test checks the resume checkpoint stays apart from the logged model.
+MODEL_RUN = [*TINY_RUN, "postprocess.search=false", "postprocess.threshold=0.5",
+             "train.keep_checkpoints=true"]
 ROOT = Path(__file__).parents[1]
 
 
