@@ -41,6 +41,7 @@ SWEEP_TIMEOUT_S = 300
 UI_TIMEOUT_S = 90
 FIGURE = "plots/learning_curves.png"
 EPOCHS = 4
+ESCAPE_KEY = "\ue00c"  # selenium's Keys.ESCAPE (selenium stays optional: no import here)
 
 
 @dataclass
@@ -259,6 +260,27 @@ def compare_the_trials(browser, sweep: Sweep, shots: Path) -> None:
     text = browser.find_element("tag name", "body").text
     assert sorted(table_row(text, "optim.lr", trials)) == sorted(
         str(t.params["optim.lr"]) for t in sweep.complete)
+    # The plot starts on whichever metric MLflow lists first: pick the study's objective, as a
+    # person would, by typing it into the plot's Metrics box.
+    objective = "best_val_pooled_iou"
+    metrics_box = browser.find_element("xpath", "//*[normalize-space()='Metrics:']/following::input[1]")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus()",
+                           metrics_box)
+    metrics_box.send_keys(objective)
+    wait_until(lambda: browser.find_elements(
+        "xpath", f"//*[contains(@class, 'select-item-option')][normalize-space()='{objective}']"),
+        UI_TIMEOUT_S, f"{objective} offered")[0].click()
+    wait_until(lambda: browser.find_elements(
+        "xpath", f"//*[local-name()='text'][normalize-space()='{objective}']"), UI_TIMEOUT_S,
+        f"{objective} as an axis of the parallel coordinates plot")
+    metrics_box.send_keys(ESCAPE_KEY)
+    # Its axis spans the trials' objective values (labelled with 5 decimals).
+    values = [t.value for t in sweep.complete]
+    for end in (f"{min(values):.5f}", f"{max(values):.5f}"):
+        wait_until(lambda end=end: browser.find_elements(
+            "xpath", f"//*[local-name()='text'][normalize-space()='{end}']"), UI_TIMEOUT_S,
+            f"{end} at an end of the {objective} axis")
+    keep_screenshot(browser, shots / "compare-objective.png")
 
 
 def test_the_optuna_dashboard_shows_the_study(smoke_sweep, optuna_database, tmp_path):
