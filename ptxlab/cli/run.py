@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -59,7 +60,11 @@ def run(
             summary = run_experiment(resolved, config.read_text() if config else None,
                                      resume_run_id=resume)
     except RankZeroFailed:
-        raise typer.Exit(2) from None  # rank 0 has said why
+        _end_rank(2)  # rank 0 has said why
+    except typer.Exit as stop:
+        if environment.under_torchrun():
+            _end_rank(stop.exit_code)
+        raise
     if not current().is_main:
         return
     metrics = summary.metrics
@@ -74,6 +79,15 @@ def run(
         print(f"test set ({resolved.data.test_source}): Dice {test['pooled_dice']:.4f}  "
               f"IoU {test['pooled_iou']:.4f}  per-image mean Dice {test['mean_dice']:.4f}")
     print(f"open it: ptxlab ui, then {ui_link(summary.experiment_id, summary.run_id)}")
+
+
+def _end_rank(code: int) -> NoReturn:
+    """End a torchrun rank at once with `code`. A normal interpreter exit can abort in the
+    process group's C++ threads ("terminate called without an active exception"), which
+    would make the launcher's exit status depend on timing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _resumed_config(run_id: str) -> Path:
