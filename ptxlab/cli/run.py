@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -14,6 +14,9 @@ from ptxlab.cli.errors import fail_cleanly
 from ptxlab.cli.options import ConfigArg, SetOption
 from ptxlab.config import Config, load_config
 from ptxlab.progress import choose
+
+if TYPE_CHECKING:
+    from ptxlab.experiment import RunSummary
 
 
 def run(
@@ -53,7 +56,6 @@ def run(
         raise typer.Exit(launch(nproc, _argv_without_nproc()))
     from ptxlab.distributed import RankZeroFailed, current
     from ptxlab.experiment import run_experiment  # torch, smp, MLflow: after the config
-    from ptxlab.tracking import ui_link
 
     try:
         with fail_cleanly():
@@ -65,8 +67,14 @@ def run(
         if environment.under_torchrun():
             _end_rank(stop.exit_code)
         raise
-    if not current().is_main:
-        return
+    if current().is_main:
+        _print_summary(summary, resolved)
+
+
+def _print_summary(summary: RunSummary, resolved: Config) -> None:
+    """What the run reached, and where to look at it."""
+    from ptxlab.tracking import ui_link
+
     metrics = summary.metrics
     print(f"run id: {summary.run_id}")
     if metrics:
