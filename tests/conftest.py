@@ -88,3 +88,27 @@ def service_unavailable(reason: str) -> None:
     if os.environ.get("PTXLAB_REQUIRE_SERVICES") == "1":
         pytest.fail(f"required service unavailable: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def wait_for_epochs(store: Path, experiment: str, epochs: int, process, timeout: float
+                    ) -> tuple[str | None, Path | None, int]:
+    """Poll until the run of `experiment` has `epochs` finished epochs in its local last.pt,
+    `process` ends, or `timeout` seconds pass; returns (run id, last.pt, epochs finished)."""
+    import time
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    deadline = time.monotonic() + timeout
+    run_id, last, epochs_done = None, None, 0
+    while epochs_done < epochs and process.poll() is None and time.monotonic() < deadline:
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id]) if found else []
+        if runs:
+            run_id = runs[0].info.run_id
+            last = store / "checkpoints" / run_id / "last.pt"
+            if last.exists():
+                epochs_done = torch.load(last, weights_only=False)["state"]["epoch"]
+        time.sleep(0.2)
+    return run_id, last, epochs_done

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from ptxlab.data.dataset import GlobalBatchSampler
 from ptxlab.experiment import prepare_data
 from ptxlab.sweep.study_file import build_config, load_study_file
 from ptxlab.train import load_checkpoint, phase_configs, positive_fraction_at, train
-from tests.conftest import TINY_RUN
+from tests.conftest import TINY_RUN, wait_for_epochs
 
 
 def test_positive_fraction_schedule_is_linear_over_the_epochs():
@@ -140,17 +139,8 @@ def test_two_phase_run_changes_resolution_and_resumes_after_sigkill_in_phase_two
 
     killed = _run("killed")
     client = MlflowClient()
-    deadline = time.monotonic() + 900
-    run_id, epochs_done = None, 0
-    while epochs_done < 3 and killed.poll() is None and time.monotonic() < deadline:
-        experiment = client.get_experiment_by_name("killed")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if runs:
-            run_id = runs[0].info.run_id
-            last = isolated_store / "checkpoints" / run_id / "last.pt"
-            if last.exists():
-                epochs_done = torch.load(last, weights_only=False)["state"]["epoch"]
-        time.sleep(0.2)
+    run_id, last, epochs_done = wait_for_epochs(isolated_store, "killed", 3, killed,
+                                                timeout=900)
     assert epochs_done == 3 and killed.poll() is None, "the run was not caught in phase 2"
     state = torch.load(last, weights_only=False)["state"]
     assert state["phase"] == 1

@@ -7,10 +7,9 @@ import sys
 import time
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY_RUN
+from tests.conftest import TINY_RUN, wait_for_epochs
 
 EPOCHS = 4
 OVERRIDES = [*TINY_RUN, f"train.epochs={EPOCHS}", "train.early_stopping_patience=0",
@@ -44,17 +43,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(isolated_store):
 
     killed = _ptxlab(*_run_args("killed"), env=env)
     client = MlflowClient()
-    deadline = time.monotonic() + 600
-    run_id, epochs_done = None, 0
-    while epochs_done < 2 and killed.poll() is None and time.monotonic() < deadline:
-        experiment = client.get_experiment_by_name("killed")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if runs:
-            run_id = runs[0].info.run_id
-            last = isolated_store / "checkpoints" / run_id / "last.pt"
-            if last.exists():
-                epochs_done = torch.load(last, weights_only=False)["state"]["epoch"]
-        time.sleep(0.2)
+    run_id, _, epochs_done = wait_for_epochs(isolated_store, "killed", 2, killed, timeout=600)
     assert epochs_done == 2 and killed.poll() is None, "the run was not caught mid-training"
     time.sleep(1.0)  # into the next epoch
     killed.send_signal(signal.SIGKILL)
