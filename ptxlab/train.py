@@ -410,12 +410,15 @@ def _forward_for(model: nn.Module, config: Config, ranks: distributed.Ranks,
     """The callable that trains `model`: DDP-wrapped under torchrun, compiled if configured.
 
     DDP registers the parameters that require gradients when it is built, so it is built
-    again whenever encoder freezing changes that set.
+    again whenever encoder freezing changes that set. The graph is static: some encoders keep
+    layers their forward never uses (smp's EfficientNet keeps `_conv_head`), which plain DDP
+    refuses at the second step; a static graph lets it learn the unused set once.
     """
     forward = model
     if ranks.distributed:
         forward = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            static_graph=True)
     if config.model.compile:
         forward = torch.compile(forward)
     return forward

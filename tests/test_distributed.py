@@ -162,3 +162,16 @@ def test_two_cpu_processes_train_one_logged_run(isolated_store):
             single = client.get_metric_history(runs["single"], key)[step].value
             ddp = client.get_metric_history(runs["ddp"], key)[step].value
             assert ddp == pytest.approx(single, rel=tolerance), (key, step)
+
+
+@pytest.mark.slow
+def test_an_encoder_with_layers_its_forward_never_uses_trains_under_torchrun(isolated_store):
+    """smp's EfficientNet encoders keep `_conv_head` and `_bn1`, which get no gradient: plain
+    DDP stops at the second step ('Expected to have finished reduction in the prior
+    iteration'), as it did on CUDA with the paper preset's efficientnet-b4."""
+    settings = TINY_RUN + ["tracking.overlays=0", "model.encoder=efficientnet-b0"]
+    result = subprocess.run(
+        [sys.executable, "-m", "ptxlab", "run", *[a for o in settings for a in ("--set", o)],
+         "--nproc", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "run id: " in result.stdout
