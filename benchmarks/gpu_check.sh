@@ -4,7 +4,7 @@
 #   benchmarks/gpu_check.sh [--wheels DIR] [--cpu-smoke]
 #
 # 1. --wheels DIR: installs ptxlab from a wheelhouse (scripts/wheelhouse.sh) into a fresh venv
-#    that sees the system's PyTorch (--system-site-packages); without it, uses the Python that
+#    that sees the host's PyTorch (scripts/offline_install.sh); without it, uses the Python that
 #    already has ptxlab ($PYTHON, else this repository's .venv, else python3).
 # 2-6. benchmarks/gpu_check.py: gpu_step.py variants, a 2-epoch AMP run killed in epoch 2 and
 #    resumed, the same run under `--nproc 1`, evaluate and predict; see benchmarks/README.md.
@@ -31,9 +31,7 @@ if [[ -n $wheels ]]; then
     venv=$(mktemp -d)/venv
     log=$(mktemp)
     echo "installing ptxlab from $wheels into $venv" >&2
-    if timeout 240 python3 -m venv --system-site-packages "$venv" >"$log" 2>&1 \
-        && timeout 240 "$venv/bin/pip" install -q --no-index --find-links "$wheels" ptxlab \
-            >>"$log" 2>&1; then
+    if timeout 480 bash "$repo/scripts/offline_install.sh" "$wheels" "$venv" >"$log" 2>&1; then
         status=pass error=null
     else
         status=fail

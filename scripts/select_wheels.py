@@ -2,8 +2,10 @@
 
 Reads the JSON report of `pip install --dry-run --report` for ptxlab's wheel and walks the
 requirement graph from ptxlab, for the target Python on Linux x86-64. The excluded packages are
-on the host, and so is everything they require (a host with torchvision has Pillow, one with
-timm has huggingface_hub): those are left out. Prints one `name==version` per line to carry,
+on the host and are left out, with what only they require (torch's CUDA libraries). What a
+carried package requires is carried even when an excluded one requires it too: the host's copy
+may be older or absent (typer 0.12 did not need pydantic, later releases do), and pip keeps a
+host copy that satisfies the requirement anyway. Prints one `name==version` per line to carry,
 and writes to stderr what the host must already have, with the requirements on each.
 
     python3 scripts/select_wheels.py REPORT.json --python 3.12 --exclude torch torchvision ...
@@ -45,24 +47,11 @@ def requirements(metadata: dict, environment: dict[str, str], extra: str = "") -
     return wanted
 
 
-def closure(packages: dict[str, dict], names: set[str], environment: dict[str, str]) -> set[str]:
-    """`names` and everything they require, among the resolved `packages`."""
-    found, pending = set(), list(names)
-    while pending:
-        name = pending.pop()
-        if name not in found:
-            found.add(name)
-            pending += [canonicalize_name(r.name) for r in requirements(packages[name], environment)
-                        if canonicalize_name(r.name) in packages]
-    return found
-
-
 def select(report: dict, python: str, exclude: set[str]) -> tuple[list[str], dict[str, set]]:
     """(`name==version` of every package to carry, {excluded name: requirements on it})."""
     packages = {canonicalize_name(item["metadata"]["name"]): item["metadata"]
                 for item in report["install"]}
     environment = target_environment(python)
-    exclude = closure(packages, {name for name in exclude if name in packages}, environment)
     carried, visited, needed_from_host = set(), set(), defaultdict(set)
     pending = [("ptxlab", "")]
     while pending:

@@ -36,7 +36,7 @@ def _package(name: str, version: str, *requires: str) -> dict:
     return {"metadata": {"name": name, "version": version, "requires_dist": list(requires)}}
 
 
-def test_wheel_selection_leaves_out_the_host_stack_and_what_it_needs():
+def test_wheel_selection_leaves_out_the_host_stack_and_what_only_it_needs():
     report = {"install": [
         _package("ptxlab", "0.1.0", "torch>=2.4", "Pillow>=10", "albumentations",
                  "pytest; extra == 'dev'", "tomli; python_version < '3.11'"),
@@ -49,10 +49,11 @@ def test_wheel_selection_leaves_out_the_host_stack_and_what_it_needs():
                                               "pytest")),
     ]}
     pins, needed = _select_wheels().select(report, "3.12", {"torch", "torchvision"})
-    # torchvision's Pillow is on the host; pydantic's extra is followed; dev and <3.11 are not.
-    assert pins == ["albumentations==2.0.8", "email-validator==1.0", "pydantic==2.0",
-                    "scipy==1.0", "typing_extensions==1.0"]
-    assert needed == {"torch": {"torch>=2.4 (for ptxlab)"}, "pillow": {"Pillow>=10 (for ptxlab)"}}
+    # torch's own needs stay out; Pillow, which torchvision needs too, is carried for ptxlab;
+    # pydantic's extra is followed; dev and <3.11 requirements are not.
+    assert pins == ["albumentations==2.0.8", "email-validator==1.0", "pillow==1.0",
+                    "pydantic==2.0", "scipy==1.0", "typing_extensions==1.0"]
+    assert needed == {"torch": {"torch>=2.4 (for ptxlab)"}}
 
 
 def _run(command: list, timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -90,11 +91,10 @@ def _installed(requirement: Requirement):
     return dist
 
 
-def _host_site(folder: Path) -> Path:
-    """A folder that holds links to the host stack and everything it needs, as installed
-    here: what an offline GPU server has system-wide."""
-    folder.mkdir()
-    pending, seen = [Requirement(name) for name in HOST_STACK], set()
+def _host_site(folder: Path) -> None:
+    """Fill a site folder with links to the host stack, pip and everything they need, as
+    installed here: what an offline GPU server has system-wide."""
+    pending, seen = [Requirement(name) for name in [*HOST_STACK, "pip"]], set()
     while pending:
         requirement = pending.pop()
         name = canonicalize_name(requirement.name)
@@ -111,7 +111,6 @@ def _host_site(folder: Path) -> Path:
             source = dist.locate_file(top)
             if source.exists() and not (folder / top).exists():
                 (folder / top).symlink_to(source)
-    return folder
 
 
 @pytest.mark.slow
@@ -131,16 +130,15 @@ def test_wheelhouse_installs_offline_next_to_a_system_pytorch(tmp_path, isolated
     assert "ptxlab" in names and "mlflow_skinny" in names and "scipy" in names
     assert not names & {"torch", "torchvision", "timm", "mlflow", "pyarrow", "nvidia_cublas"}
 
-    # A fresh venv whose only packages are the host stack (through a .pth), then no index.
+    # The host: a virtual environment (as on GPU images) that holds only the host stack and
+    # pip; ptxlab goes into a new venv beside it, with no index.
+    host = tmp_path / "host"
+    venv.create(host, with_pip=False)
+    _host_site(next(host.glob("lib/python*/site-packages")))
     target = tmp_path / "venv"
-    venv.create(target, with_pip=True)
-    site = next(target.glob("lib/python*/site-packages"))
-    (site / "host-stack.pth").write_text(str(_host_site(tmp_path / "host")) + "\n")
     no_pip_settings = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    # The venv's own setuptools (ensurepip's, on Python < 3.12) would shadow the host's.
-    _run([target / "bin/pip", "uninstall", "-q", "-y", "setuptools"], 120, env=no_pip_settings)
-    _run([target / "bin/pip", "install", "-q", "--no-index", "--find-links", wheels, "ptxlab"],
-         600, env={**no_pip_settings, "PIP_CONFIG_FILE": os.devnull})
+    _run(["bash", REPO / "scripts/offline_install.sh", wheels, target], 600,
+         env={**no_pip_settings, "PIP_CONFIG_FILE": os.devnull, "PYTHON": host / "bin/python"})
     assert "Usage: ptxlab" in _run([target / "bin/ptxlab", "--help"], 120).stdout
     _run([target / "bin/python", "-c", "import importlib.metadata as m, sys; "
           "sys.exit(any(d.metadata['Name'] == 'mlflow' for d in m.distributions()))"], 60)
