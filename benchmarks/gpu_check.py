@@ -10,6 +10,7 @@ step has its own time limit; all of them share `--budget` seconds counted from `
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -42,9 +43,10 @@ LIMITS = {"environment": (60, 120), "gpu_step": (150, 240), "run_killed": (150, 
 COMPILE_NEEDS = 90  # seconds below which compiling B4 forward + backward is not attempted
 
 HOST_INFO = """
-import json, platform, importlib.metadata as m, torch
+import json, platform, importlib.metadata as m, importlib.util, torch
 info = {"python": platform.python_version(), "torch": torch.__version__,
         "torchvision": m.version("torchvision"), "ptxlab": m.version("ptxlab"),
+        "ptxlab_path": importlib.util.find_spec("ptxlab").submodule_search_locations[0],
         "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
 if torch.cuda.is_available():
     info.update(gpu=torch.cuda.get_device_name(0), cudnn=torch.backends.cudnn.version(),
@@ -92,12 +94,13 @@ class Check:
 
     def call(self, step: str, args: list[str]) -> tuple[str | None, str]:
         """Run to the end within the step's limit: (the error line or None, stdout)."""
+        limit = self.limit(step)
         process = self.start(args)
         try:
-            out, err = process.communicate(timeout=self.limit(step))
+            out, err = process.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
             kill(process)
-            return f"timed out after {self.limit(step) or 0:.0f} s (budget or step limit)", ""
+            return f"timed out after {limit:.0f} s (budget or step limit)", ""
         if process.returncode != 0:
             return f"exit {process.returncode}: {last_line(err or out)}", out
         return None, out
@@ -175,7 +178,19 @@ def step_environment(check: Check) -> None:
         check.report["host"]["driver"] = None  # no NVIDIA driver here
     if not error and not check.smoke and not check.report["host"]["cuda_available"]:
         error = f"torch {check.report['host']['torch']} sees no CUDA device"
+    installed = Path(check.report["host"].pop("ptxlab_path", REPO / "ptxlab"))
+    if not error and source_digest(installed) != source_digest(REPO / "ptxlab"):
+        error = (f"the ptxlab installed at {installed} is not this checkout's (a wheelhouse "
+                 "built from another commit?): rebuild it with scripts/wheelhouse.sh")
     check.record("environment", started, error)
+
+
+def source_digest(package: Path) -> str:
+    """SHA-256 over a ptxlab package's Python files, by path within the package."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def step_gpu_step(check: Check, step: str, variants: list[str]) -> None:
