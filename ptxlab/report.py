@@ -17,8 +17,10 @@ A hypothesis (`ptxlab.sweep.Hypothesis`) compares side A (`compare`) with side B
 
 and inconclusive otherwise, which includes fewer than two repeats (no noise estimate).
 
-The report is written as `report.md` with PNG plots under `plots/`, and logged under `report/`
-to the study's MLflow parent run.
+The report is written as `report.md` with PNG plots under `plots/` (or, given a `.md` file, as
+that file with its plots in a folder of the same name beside it), and logged under `report/` to
+the study's MLflow parent run. Text above `PREAMBLE_MARKER` in an existing page is kept: a
+committed results page keeps its human-written preamble when it is regenerated.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from optuna.trial import TrialState
 from scipy import stats
 
 from ptxlab import artifacts, tracking
-from ptxlab.atomic import write_file
+from ptxlab.atomic import write_file, write_text
 from ptxlab.noise import (
     BOOTSTRAP_RESAMPLES,
     MAX_REPEATS,
@@ -431,6 +433,39 @@ def _save(figure: Figure, path: Path) -> None:
 # --- the report ----------------------------------------------------------------------------
 
 
+PREAMBLE_MARKER = ("<!-- Everything below this line is written by `ptxlab report`; "
+                   "edit only above it. -->")
+
+
+@dataclass
+class Page:
+    """Where a report goes: its Markdown file, and the folder its figures are written to,
+    linked relative to the Markdown file."""
+
+    markdown: Path
+    figures: Path
+
+    @classmethod
+    def at(cls, out: Path) -> Page:
+        """`out` is a folder (report.md + plots/) or a .md file (plots in <stem>/ beside it)."""
+        if out.suffix == ".md":
+            return cls(out, out.with_suffix(""))
+        return cls(out / "report.md", out / "plots")
+
+    def figure(self, name: str) -> tuple[Path, str]:
+        """A figure's path, and its link from the page."""
+        return self.figures / name, f"{self.figures.name}/{name}"
+
+    def preamble(self) -> list[str]:
+        """What a person wrote above the marker in the existing page, marker included."""
+        if not self.markdown.exists():
+            return []
+        text = self.markdown.read_text()
+        if PREAMBLE_MARKER not in text:
+            return []
+        return text[:text.index(PREAMBLE_MARKER)].splitlines() + [PREAMBLE_MARKER, ""]
+
+
 @dataclass
 class ReportResult:
     markdown: Path
@@ -440,24 +475,25 @@ class ReportResult:
 
 
 def write_report(target: str, storage: str | None = None, out: Path | None = None) -> ReportResult:
-    """Render the report of a study (by file or name) into `out` and log it to its parent run."""
+    """Render the report of a study (by file or name) into `out` (a folder or a .md file) and
+    log it to its parent run."""
     handle, _ = load_existing(target, storage)
     spec = handle.spec
-    out = Path(out or tracking.local_store() / "reports" / spec.name)
-    out.mkdir(parents=True, exist_ok=True)
+    page = Page.at(Path(out or tracking.local_store() / "reports" / spec.name))
+    page.figures.mkdir(parents=True, exist_ok=True)
     results = collect(handle.study)
-    lines, figures, verdicts = compose_report(handle, results, out)
-    markdown = out / "report.md"
-    markdown.write_text("\n".join(lines) + "\n")
+    lines, figures, verdicts = compose_report(handle, results, page)
+    write_text(page.markdown, "\n".join(page.preamble() + lines) + "\n")
     client = tracking.configure()
-    client.log_artifacts(handle.parent_run_id, str(out), "report")
-    client.set_tag(handle.parent_run_id, "ptxlab.report", "report/report.md")
-    return ReportResult(markdown, verdicts, handle.parent_run_id, figures)
+    client.log_artifact(handle.parent_run_id, str(page.markdown), "report")
+    client.log_artifacts(handle.parent_run_id, str(page.figures), f"report/{page.figures.name}")
+    client.set_tag(handle.parent_run_id, "ptxlab.report", f"report/{page.markdown.name}")
+    return ReportResult(page.markdown, verdicts, handle.parent_run_id, figures)
 
 
 def compose_report(handle: StudyHandle, results: list[Result],
-                   out: Path) -> tuple[list[str], list[Path], list[Verdict]]:
-    """Markdown lines, the figures written under `out`, and the verdicts."""
+                   page: Page) -> tuple[list[str], list[Path], list[Verdict]]:
+    """Markdown lines, the figures written for `page`, and the verdicts."""
     spec = handle.spec
     maximize = spec.objective.direction == "maximize"
     objective = f"best_val_{spec.objective.metric}"
@@ -486,10 +522,10 @@ def compose_report(handle: StudyHandle, results: list[Result],
         if not rows:
             lines += ["No complete trials with this factor active.", ""]
             continue
-        path = out / "plots" / f"factor_{artifacts.safe_name(name)}.png"
+        path, link = page.figure(f"factor_{artifacts.safe_name(name)}.png")
         _save(_factor_figure(name, rows), path)
         figures.append(path)
-        lines += [f"![{name}](plots/{path.name})", ""]
+        lines += [f"![{name}]({link})", ""]
         lines += _factor_table(rows)
 
     lines += ["## Parameter importances (Optuna)", ""]
@@ -497,17 +533,17 @@ def compose_report(handle: StudyHandle, results: list[Result],
     if problem:
         lines += [f"Not available: {problem}", ""]
     else:
-        path = out / "plots" / "importances.png"
+        path, link = page.figure("importances.png")
         _save(_importance_figure(values), path)
         figures.append(path)
-        lines += [f"![importances](plots/{path.name})", "", "| parameter | importance |",
+        lines += [f"![importances]({link})", "", "| parameter | importance |",
                   "| --- | --- |"]
         lines += [f"| {name} | {value:.3f} |" for name, value in values.items()] + [""]
 
-    path = out / "plots" / "history.png"
+    path, link = page.figure("history.png")
     _save(_history_figure(handle.study, objective, maximize), path)
     figures.append(path)
-    lines += ["## Trials", "", f"![history](plots/{path.name})", ""]
+    lines += ["## Trials", "", f"![history]({link})", ""]
     return lines, figures, verdicts
 
 

@@ -11,7 +11,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from ptxlab.cli import app
-from ptxlab.report import decide, difference, estimate, write_report
+from ptxlab.report import PREAMBLE_MARKER, decide, difference, estimate, write_report
 from ptxlab.sweep import load_study_file, open_study, resolve_storage
 
 ROOT = Path(__file__).parents[1]
@@ -119,6 +119,27 @@ def test_report_command_prints_the_verdicts(finished_study):
     assert result.exit_code == 0, result.output
     assert "supported: lr 3e-3 beats 1e-7" in result.output
     assert "contradicted: light beats none" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_results_page_keeps_its_preamble_and_its_plots_beside_it(finished_study, tmp_path):
+    path, handle, _ = finished_study
+    page = tmp_path / "docs" / "results" / "synthetic.md"
+    first = write_report(str(path), out=page)
+    assert first.markdown == page and page.read_text().startswith("# ")
+    assert {f.parent for f in first.figures} == {tmp_path / "docs" / "results" / "synthetic"}
+    assert "](synthetic/history.png)" in page.read_text()
+
+    preamble = "# Results on synthetic data\n\nWritten by a person.\n\n"
+    generated = page.read_text()
+    page.write_text(preamble + PREAMBLE_MARKER + "\n\n" + "stale text\n")
+    write_report(str(path), out=page)
+    text = page.read_text()
+    assert text.startswith(preamble + PREAMBLE_MARKER) and text.count(PREAMBLE_MARKER) == 1
+    assert "stale text" not in text and text.endswith(generated)
+    logged = {a.path for a in MlflowClient().list_artifacts(handle.parent_run_id, "report")}
+    assert {"report/synthetic.md", "report/synthetic"} <= logged
 
 
 def test_unknown_study_is_one_line_error(isolated_store):

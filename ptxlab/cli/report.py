@@ -16,7 +16,9 @@ def report(
     study: Annotated[str, typer.Argument(help="Study file or study name.")],
     storage: StorageOption = None,
     out: Annotated[Path | None, typer.Option(
-        help="Output folder (default: mlruns/reports/<study>).", show_default=False)] = None,
+        help="Output folder (default: mlruns/reports/<study>), or a .md page: its plots go to "
+             "a folder of its name beside it, and text above its marker line is kept.",
+        show_default=False)] = None,
     register: RegisterOption = None,
 ) -> None:
     """Effects with 95 % CIs over repeats, importances, best configuration and hypothesis
