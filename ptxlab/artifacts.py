@@ -6,7 +6,8 @@ studies read them back by the same names:
     config/config.yaml                 resolved config: defaults + file + overrides (`--resume`)
     config/source.yaml                 the config file as given, when there was one
     config/augmentation.json           the training transform, as albumentations JSON
-    data/split.json                    case ids of the training and validation splits
+    data/split.json                    case ids of the training and validation splits, and of
+                                       the held-out test subset (key TEST, data.test_fraction)
     data/skipped.txt                   cases `data.skip_bad` left out, with the reason
     model/best.pt                      best checkpoint (what evaluate and predict load)
     model/postprocess.json             the chosen post-processing (what they replay)
@@ -14,7 +15,8 @@ studies read them back by the same names:
     validation/postprocess_search.json grid-search table of the post-processing rule
     validation/gate_search.json        grid-search table of the image-level gate
     plots/learning_curves.png, plots/postprocess_search.png, plots/validation_overlays.png
-    evaluation/<name>/                 what `ptxlab evaluate` logged (see `evaluation_file`)
+    evaluation/<name>/                 what `ptxlab evaluate` logged (see `evaluation_file`);
+                                       evaluation/test/ is the run's own test set (TEST)
 
 and logs the best model as an MLflow model (a LoggedModel, stored apart from the run's
 artifacts) named LOGGED_MODEL: `runs:/<run id>/segmenter`, `models:/<model id>`. Its files
@@ -42,6 +44,7 @@ PER_IMAGE_DICE = "validation/per_image_dice.json"  # {"ids": [...], "dice": [...
 LEARNING_CURVES = "plots/learning_curves.png"
 POSTPROCESS_SEARCH_PLOT = "plots/postprocess_search.png"
 VALIDATION_OVERLAYS = "plots/validation_overlays.png"
+TEST = "test"  # the test set's evaluation name (metrics test_*) and its key in SPLIT
 
 
 def folder(artifact: str) -> str:

@@ -53,6 +53,11 @@ class DataConfig(_Section):
     layout: LayoutChoice = "auto"
     test_source: str | None = None
     test_layout: LayoutChoice = "auto"
+    test_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="hold out this share of the source's positives and "
+        "of its negatives as a test subset, scored like test_source; 0: none")
+    test_seed: int = Field(
+        0, description="seed of the test subset alone: fixed across seed, split_seed and folds")
     image_size: int = Field(128, ge=32, le=2048)
     cache_size: int | None = Field(
         None, ge=32, le=4096, description="side of the cached pairs; null: data.image_size "
@@ -82,6 +87,9 @@ class DataConfig(_Section):
             raise ValueError(f"data.fold={self.fold} must be < data.folds={self.folds}")
         if self.split == "random" and self.folds > 1:
             raise ValueError("data.split=random is a single split; use data.folds=1")
+        if self.test_fraction > 0 and self.test_source:
+            raise ValueError("data.test_fraction and data.test_source both make the test set "
+                             "`test`; set one of them")
         return self
 
 

@@ -12,7 +12,9 @@ Logged into the run itself through the MLflow client, which leaves its status as
 logged), and under `evaluation/<name>/`: `metrics.json` (what was evaluated, how, and every
 metric), `per_image.csv`, `confusion_matrix.png` (image-level calls) and `worst_cases.png`.
 The name defaults to the data folder's name, with `_hflip` appended under flip TTA; names and
-sites are reduced to letters, digits, `_`, `-` and `.`.
+sites are reduced to letters, digits, `_`, `-` and `.`. `evaluate_cases` does the same for
+given cases (a run's held-out test subset), optionally logging into another run (a study's
+evaluation arm, which scores its training's model with its own post-processing).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import heapq
 import io
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
@@ -30,10 +33,17 @@ import cv2
 import numpy as np
 
 from ptxlab import artifacts, plots, tracking
+from ptxlab.data.cases import Case
 from ptxlab.data.layouts import load_cases
 from ptxlab.data.sources import read_pair
 from ptxlab.metrics import MetricAccumulator, dice_from_counts
-from ptxlab.prediction import NativePrediction, check_tta, load_run, predict_native
+from ptxlab.prediction import (
+    NativePrediction,
+    TrainedRun,
+    check_tta,
+    load_run,
+    predict_native,
+)
 
 GALLERY_SIZE = 8
 THUMBNAIL_SIDE = 512
@@ -145,8 +155,20 @@ def evaluate_run(reference: str, data: Path, layout: str = "auto", tta: str = "n
     check_tta(tta)
     name = artifacts.safe_name(name) if name else default_name(data, tta)
     cases = load_cases(Path(data), layout)
+    return evaluate_cases(load_run(reference), cases, name, str(data), layout, tta, batch_size,
+                          gallery_size, progress)
+
+
+def evaluate_cases(run: TrainedRun, cases: Sequence[Case], name: str, data: str,
+                   layout: str = "auto", tta: str = "none", batch_size: int = 8,
+                   gallery_size: int = GALLERY_SIZE, progress: bool = True,
+                   log_into: str | None = None) -> Evaluation:
+    """Score `run`'s model with `run.postprocess` on `cases` (`data` and `layout` say where
+    they come from) and log the results as `name` into the run `log_into` (default: the run
+    that trained the model)."""
+    check_tta(tta)
+    name = artifacts.safe_name(name)
     with_sites = any(case.site for case in cases)
-    run = load_run(reference)
     accumulator = MetricAccumulator()
     worst = WorstCases(gallery_size)
     for result in predict_native(run, cases, read_pair, batch_size, tta, progress):
@@ -157,7 +179,7 @@ def evaluate_run(reference: str, data: Path, layout: str = "auto", tta: str = "n
     rows = [{column: row["group" if column == "site" else column] for column in PER_IMAGE_COLUMNS}
             for row in accumulator.rows()]
     evaluation = Evaluation(
-        run_id=run.run_id, name=name, data=str(data), layout=layout, tta=tta,
+        run_id=log_into or run.run_id, name=name, data=data, layout=layout, tta=tta,
         image_size=run.config.data.image_size, postprocess=run.postprocess.to_dict(),
         metrics=accumulator.compute(),
         per_site=accumulator.per_group() if with_sites else {},

@@ -6,19 +6,23 @@ nothing of MLflow; this module wires them to `tracking`.
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ptxlab import artifacts, distributed, plots, preflight, retention, tracking
 from ptxlab.augment import build_eval_transform, build_train_transform, serialize
-from ptxlab.config import Config
-from ptxlab.data.dataset import SegmentationDataset, random_split, stratified_split
+from ptxlab.config import Config, DataConfig
+from ptxlab.data.cases import Case
+from ptxlab.data.dataset import SegmentationDataset, hold_out, random_split, stratified_split
+from ptxlab.data.layouts import load_cases
 from ptxlab.data.sources import SYNTHETIC, cached_size, load_source, training_pairs
-from ptxlab.evaluation import evaluate_run
+from ptxlab.evaluation import evaluate_cases
 from ptxlab.inference import Predictions, load_trained_model, predict
 from ptxlab.metrics import accumulate
 from ptxlab.mlflow_model import log_model
@@ -31,6 +35,7 @@ from ptxlab.postprocess import (
     save_probability_maps,
     search_subset,
 )
+from ptxlab.prediction import load_run
 from ptxlab.progress import EpochReporter, display
 from ptxlab.train import (
     NonFiniteLossError,
@@ -53,7 +58,7 @@ class RunSummary:
     stopped_by: str
     metrics: dict[str, float] = field(default_factory=dict)
     postprocess: dict = field(default_factory=dict)
-    test_metrics: dict[str, float] = field(default_factory=dict)  # on data.test_source
+    test_metrics: dict[str, float] = field(default_factory=dict)  # on the test set, if any
 
 
 @dataclass
@@ -62,6 +67,7 @@ class PreparedData:
     val: SegmentationDataset
     digest: str
     skipped: list[str]  # one '<file>: <problem>' per file data.skip_bad left out
+    test: list[Case] = field(default_factory=list)  # held out by data.test_fraction
 
 
 def checkpoint_dir(run_id: str) -> Path:
@@ -70,15 +76,20 @@ def checkpoint_dir(run_id: str) -> Path:
 
 
 def prepare_data(config: Config, progress: bool = True) -> PreparedData:
-    """Cases of the configured source, split, cached (at training size unless augmenting at the
-    source size), wrapped as datasets."""
+    """Cases of the configured source, cached (at training size unless augmenting at the
+    source size), less the held-out test subset (`data.test_fraction`), split, wrapped as
+    datasets."""
     data = config.data
     cases, problems = load_source(data, data.source, data.layout, progress=progress)
     order = config.augment.order
     # raises unless data.skip_bad
     pairs = training_pairs(data, cases, cached_size(data, order), progress=progress)
     bad = {case.case_id for case, _ in pairs.skipped}
-    usable = [case for case in cases if case.case_id not in bad]
+    usable, test_cases = hold_out([case for case in cases if case.case_id not in bad],
+                                  data.test_fraction, data.test_seed)
+    if data.test_fraction and not test_cases:
+        raise ValueError(f"data.test_fraction={data.test_fraction:g} holds out none of the "
+                         f"{len(cases)} cases; raise it or set 0")
     split_seed = config.seed if data.split_seed is None else data.split_seed
     if data.split == "random":
         train_cases, val_cases = random_split(usable, data.val_fraction, split_seed)
@@ -93,6 +104,7 @@ def prepare_data(config: Config, progress: bool = True) -> PreparedData:
         val=SegmentationDataset(val_cases, pairs.load, build_eval_transform(size), config.seed),
         digest=pairs.digest,
         skipped=[str(problem) for problem in problems] + [line for _, line in pairs.skipped],
+        test=test_cases,
     )
 
 
@@ -128,21 +140,24 @@ def _log_inputs(config: Config, config_text: str | None, data: PreparedData) -> 
     tracking.log_dict(serialize(data.train.transform), artifacts.AUGMENTATION)
     split = {"train": [c.case_id for c in data.train.cases],
              "val": [c.case_id for c in data.val.cases]}
+    if data.test:
+        split[artifacts.TEST] = [c.case_id for c in data.test]
     tracking.log_dict(split, artifacts.SPLIT)
     if data.skipped:
         tracking.log_text("\n".join(data.skipped) + "\n", artifacts.SKIPPED)
     tracking.log_metrics({"data_skipped": len(data.skipped)})
-    for context in ("training", "validation"):
+    for context in ("training", "validation") + ((artifacts.TEST,) if data.test else ()):
         tracking.log_dataset(_dataset_input(config, data, context), context)
 
 
 def _dataset_input(config: Config, data: PreparedData, context: str):
-    """The training or validation split as an MLflow dataset (case manifest, content digest)."""
+    """The training or validation split, or the held-out test subset, as an MLflow dataset
+    (case manifest, content digest)."""
     source = config.data.source
     name = SYNTHETIC if source == SYNTHETIC else Path(source).name
-    dataset = data.train if context == "training" else data.val
+    cases = {"training": data.train.cases, "validation": data.val.cases}.get(context, data.test)
     rows = [{"case_id": c.case_id, "positive": int(c.positive), "site": c.site}
-            for c in dataset.cases]
+            for c in cases]
     return tracking.dataset(rows, source, f"{name}-{context}", data.digest)
 
 
@@ -216,11 +231,43 @@ def _run_as_main_rank(config: Config, config_text: str | None, resume_run_id: st
         plots.close(figure)
         summary.metrics, summary.postprocess = _finalize(config, data, result.best_checkpoint,
                                                           workdir, progress)
-        if config.data.test_source:
-            summary.test_metrics = evaluate_run(
-                run_id, Path(config.data.test_source), config.data.test_layout, name="test",
-                progress=progress).metrics
+        summary.test_metrics = score_test_set(run_id, config, progress=progress)
         return summary
+
+
+def score_test_set(training_run_id: str, config: Config,
+                   postprocess: PostProcessing | None = None, log_into: str | None = None,
+                   progress: bool = False) -> dict[str, float]:
+    """The model of `training_run_id` on the run's test set at native resolution, logged as
+    `test_*` into the run `log_into` (default: that run itself); scored with `postprocess`
+    instead of the run's own choice when given (a study's evaluation arm). Empty when the
+    config has no test set."""
+    test_set = _test_set(training_run_id, config.data)
+    if test_set is None:
+        return {}
+    cases, described, layout = test_set
+    run = load_run(training_run_id)
+    if postprocess is not None:
+        run = replace(run, postprocess=postprocess)
+    return evaluate_cases(run, cases, artifacts.TEST, described, layout, progress=progress,
+                          log_into=log_into).metrics
+
+
+def _test_set(training_run_id: str, data: DataConfig) -> tuple[list[Case], str, str] | None:
+    """(cases, their description, layout) of `data.test_source`, or of the held-out subset
+    the run's split manifest lists (`data.test_fraction`); None without either."""
+    if data.test_source:
+        return (load_cases(Path(data.test_source), data.test_layout), data.test_source,
+                data.test_layout)
+    if not data.test_fraction:
+        return None
+    with tempfile.TemporaryDirectory(prefix="ptxlab-split-") as folder:
+        path = tracking.download_artifact(training_run_id, artifacts.SPLIT, Path(folder))
+        held_out = set(json.loads(path.read_text())[artifacts.TEST])
+    cases, _ = load_source(data, data.source, data.layout, progress=False)
+    described = (f"{data.source} (held out: data.test_fraction={data.test_fraction:g}, "
+                 f"data.test_seed={data.test_seed})")
+    return [case for case in cases if case.case_id in held_out], described, data.layout
 
 
 def _train_as_other_rank(config: Config, ranks: distributed.Ranks) -> RunSummary:

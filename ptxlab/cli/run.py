@@ -84,7 +84,8 @@ def _print_summary(summary: RunSummary, resolved: Config) -> None:
         print(f"per-image mean Dice: {metrics['mean_dice']:.4f}")
     if summary.test_metrics:
         test = summary.test_metrics
-        print(f"test set ({resolved.data.test_source}): Dice {test['pooled_dice']:.4f}  "
+        where = resolved.data.test_source or f"held out {resolved.data.test_fraction:g}"
+        print(f"test set ({where}): Dice {test['pooled_dice']:.4f}  "
               f"IoU {test['pooled_iou']:.4f}  per-image mean Dice {test['mean_dice']:.4f}")
     print(f"open it: ptxlab ui, then {ui_link(summary.experiment_id, summary.run_id)}")
 

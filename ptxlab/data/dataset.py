@@ -1,4 +1,4 @@
-"""torch Dataset over cases, and the seeded split into train/validation parts."""
+"""torch Dataset over cases, the seeded held-out test subset and train/validation split."""
 
 from __future__ import annotations
 
@@ -70,6 +70,14 @@ def stratified_split(
         for i, case in enumerate(group):
             (val if i in in_val else train).append(case)
     return sorted(train, key=lambda c: c.case_id), sorted(val, key=lambda c: c.case_id)
+
+
+def hold_out(cases: Sequence[Case], fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """(the rest, a held-out test subset): round(fraction * n) of the positives and of the
+    negatives, chosen by `seed` alone (stratified_split with one fold); fraction 0: none."""
+    if not fraction:
+        return list(cases), []
+    return stratified_split(cases, fraction, seed)
 
 
 def random_split(cases: Sequence[Case], val_fraction: float, seed: int

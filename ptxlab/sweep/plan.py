@@ -119,6 +119,7 @@ def train_images(config: Config) -> int | None:
                                missing_mask_is_negative=data.missing_mask_is_negative))
     else:
         return None
+    total -= round(total * data.test_fraction)
     held_out = 1 / data.folds if data.folds > 1 else data.val_fraction
     return total - max(1, round(total * held_out))
 

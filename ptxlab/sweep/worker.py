@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ptxlab import tracking
 from ptxlab.config import Config
-from ptxlab.experiment import evaluate_validation, run_experiment
+from ptxlab.experiment import evaluate_validation, run_experiment, score_test_set
 from ptxlab.metrics import score
 from ptxlab.sweep.runs import finish_child_run, record_best_trial, set_parent_status
 from ptxlab.sweep.source_runs import validation_predictions
@@ -260,13 +260,16 @@ class Worker:
         trial.set_user_attr("stopped_by", summary.stopped_by)
         if summary.metrics:
             trial.set_user_attr("metrics", _finite(summary.metrics))
+        if summary.test_metrics:
+            trial.set_user_attr("test_metrics", _finite(summary.test_metrics))
         if reporter.pruned:
             raise optuna.TrialPruned(reporter.pruned)
         return self._score(summary.metrics)
 
     def _score_maps(self, trial: Trial, config: Config, tags: dict[str, str]) -> float:
         """An evaluation arm: the post-processing of `config` chosen and scored on the stored
-        validation maps of its training, which another trial ran."""
+        validation maps of its training, which another trial ran, then that training's model
+        scored with it on the test set (if the config has one) into the arm's own run."""
         training = training_of(self.handle.study.get_trials(deepcopy=False),
                                trial.user_attrs[TRAINING_ATTR], trial.user_attrs["repeat"],
                                self.spec.heartbeat)
@@ -285,7 +288,8 @@ class Worker:
                                system_metrics=False) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             tracking.log_params(config.flat())
-            metrics, _ = evaluate_validation(config, predictions)
+            metrics, chosen = evaluate_validation(config, predictions)
+            test_metrics = score_test_set(run_id, config, chosen, log_into=run.info.run_id)
         for step, value in sorted(source.intermediate_values.items()):
             trial.report(value, step)  # the curve of the training these maps come from
         for name in ("seed", "epochs_trained", "stopped_by"):
@@ -293,6 +297,8 @@ class Worker:
                 trial.set_user_attr(name, source.user_attrs[name])
         trial.set_user_attr("training_trial", source.number)
         trial.set_user_attr("metrics", _finite(metrics))
+        if test_metrics:
+            trial.set_user_attr("test_metrics", _finite(test_metrics))
         if source.state == TrialState.PRUNED:
             raise optuna.TrialPruned(f"its training (trial {source.number}) was pruned after "
                                      f"epoch {source.user_attrs.get('epochs_trained')}")
