@@ -167,6 +167,25 @@ def test_the_plan_of_the_gap_study_counts_its_trainings(isolated_store):
     assert sorted(os.listdir(isolated_store)) == []
 
 
+def test_sweep_set_joins_the_study_files_set(isolated_store):
+    """`--set` overrides the study file's `set` (here for the plan), and a malformed or
+    invalid one is a one-line error."""
+    from typer.testing import CliRunner
+
+    from ptxlab.cli import app
+
+    smoke = str(STUDIES / "smoke.yaml")
+    result = CliRunner().invoke(app, ["sweep", smoke, "--plan", "--json",
+                                      "--set", "train.epochs=3"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["max_epochs"] == 3
+    for bad, message in (("trainepochs", "expected KEY=VALUE"),
+                         ("train.epochs=0", "set: train.epochs: Input should be greater")):
+        result = CliRunner().invoke(app, ["sweep", smoke, "--plan", "--set", bad])
+        assert result.exit_code == 2 and message in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
 def test_training_and_evaluation_keys_come_from_the_config_schema():
     from ptxlab.config import evaluation_only
 

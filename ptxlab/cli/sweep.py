@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ptxlab.cli.errors import fail_cleanly
-from ptxlab.cli.options import StorageOption
+from ptxlab.cli.options import SetOption, StorageOption
 from ptxlab.cli.registry import RegisterOption, register_best_model
 
 
@@ -36,16 +36,20 @@ def sweep(
         min=1, help="With --plan: training-set size when the data source is not on this host.",
         show_default=False)] = None,
     register: RegisterOption = None,
+    overrides: SetOption = None,
 ) -> None:
-    """Run (create, join or resume) an Optuna study; each trial is a child MLflow run."""
+    """Run (create, join or resume) an Optuna study; each trial is a child MLflow run.
+    `--set KEY=VALUE` adds to the study file's `set` (e.g. where its data lives); a study
+    resumed or joined must be given the same."""
     if plan:
-        _print_plan(study, name, as_json, step_ms, train_images)
+        _print_plan(study, name, as_json, step_ms, train_images, overrides or [])
         return
     with fail_cleanly():
         from ptxlab.sweep import run_sweep
         from ptxlab.sweep.runs import parent_link
 
-        result = run_sweep(study, storage, workers, n_trials, timeout, name)
+        result = run_sweep(study, storage, workers, n_trials, timeout, name,
+                           overrides=overrides or [])
     counts = result.counts
     print(f"study {result.name} ({result.storage}): {counts.finished} of {result.budget} trials "
           f"finished: {counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed "
@@ -68,11 +72,11 @@ def sweep(
 
 
 def _print_plan(study: Path, name: str | None, as_json: bool, step_ms: float | None,
-                train_images: int | None) -> None:
+                train_images: int | None, overrides: list[str]) -> None:
     with fail_cleanly():
         from ptxlab.sweep import load_study_file
         from ptxlab.sweep.plan import make_plan
 
-        cost = make_plan(load_study_file(study, name), step_ms, train_images)
+        cost = make_plan(load_study_file(study, name, overrides), step_ms, train_images)
     print(json.dumps(cost.to_json()) if as_json else "\n".join(cost.lines()))
 

@@ -69,9 +69,11 @@ class SweepResult:
 
 def run_sweep(study_file: Path | str, storage: str | None = None, workers: int = 1,
               n_trials: int | None = None, timeout: float | None = None, name: str | None = None,
-              log: Callable[[str], None] | None = None) -> SweepResult:
-    """`ptxlab sweep`: create or join the study, then run it with one or `workers` processes."""
-    loaded = load_study_file(study_file, name)
+              log: Callable[[str], None] | None = None,
+              overrides: list[str] | None = None) -> SweepResult:
+    """`ptxlab sweep`: create or join the study, then run it with one or `workers` processes;
+    `overrides` (`KEY=VALUE`) join the study file's `set`."""
+    loaded = load_study_file(study_file, name, overrides)
     url = resolve_storage(storage, loaded.spec.name)
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     index = environment.sweep_worker_index()
@@ -85,7 +87,7 @@ def run_sweep(study_file: Path | str, storage: str | None = None, workers: int =
     else:
         log(f"study {loaded.spec.name}: {workers} workers on {masked(url)}; MLflow parent run "
             f"{handle.parent_run_id}")
-        failures = _spawn_workers(loaded, url, workers, n_trials, timeout)
+        failures = _spawn_workers(loaded, url, workers, n_trials, timeout, overrides or [])
         stopped = "workers done"
     trials = handle.study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -98,11 +100,11 @@ def run_sweep(study_file: Path | str, storage: str | None = None, workers: int =
 
 
 def _spawn_workers(loaded: StudyFile, url: str, workers: int, n_trials: int | None,
-                   timeout: float | None) -> list[str]:
+                   timeout: float | None, overrides: list[str]) -> list[str]:
     """N processes running this command with one worker each (their logs on stderr, their
     summaries dropped: the launcher prints one); their CPU threads split."""
     command = [sys.executable, "-m", "ptxlab", "sweep", str(loaded.path), "--workers", "1",
-               "--name", loaded.spec.name]
+               "--name", loaded.spec.name, *[a for o in overrides for a in ("--set", o)]]
     if n_trials:
         command += ["--n-trials", str(n_trials)]
     if timeout:

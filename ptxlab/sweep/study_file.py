@@ -59,6 +59,7 @@ from ptxlab.config import (
     describe_error,
     evaluation_only,
     load_config,
+    parse_override,
     read_yaml_mapping,
     set_dotted,
     validate,
@@ -363,14 +364,20 @@ class StudyFile:
     base_config: dict[str, Any] | None
 
 
-def load_study_file(path: Path | str, name: str | None = None) -> StudyFile:
-    """Read and validate a study file (name: its `name`, else `name` argument, else file stem)."""
+def load_study_file(path: Path | str, name: str | None = None,
+                    overrides: list[str] | None = None) -> StudyFile:
+    """Read and validate a study file (name: the `name` argument, else its `name`, else the file
+    stem); `overrides` (`KEY=VALUE`, as `ptxlab sweep --set`) join its `set` and take
+    precedence there."""
     path = Path(path)
     tree = read_yaml_mapping(path, "study")
     text = path.read_text()
     tree.setdefault("name", path.stem)
     if name:
         tree["name"] = name
+    for override in overrides or []:
+        keys, value = parse_override(override)
+        tree.setdefault("set", {})[".".join(keys)] = value
     try:
         spec = StudySpec.model_validate(tree)
     except ValidationError as error:
