@@ -263,11 +263,16 @@ def _test_set(training_run_id: str, data: DataConfig) -> tuple[list[Case], str, 
         return None
     with tempfile.TemporaryDirectory(prefix="ptxlab-split-") as folder:
         path = tracking.download_artifact(training_run_id, artifacts.SPLIT, Path(folder))
-        held_out = set(json.loads(path.read_text())[artifacts.TEST])
-    cases, _ = load_source(data, data.source, data.layout, progress=False)
+        held_out = set(json.loads(path.read_text()).get(artifacts.TEST, ()))
+    cases = [case for case in load_source(data, data.source, data.layout, progress=False)[0]
+             if case.case_id in held_out]
+    if not held_out or len(cases) != len(held_out):
+        raise ValueError(f"run {training_run_id}: its {artifacts.SPLIT} lists "
+                         f"{len(held_out)} held-out test cases, {len(cases)} of them are in "
+                         f"{data.source}")
     described = (f"{data.source} (held out: data.test_fraction={data.test_fraction:g}, "
                  f"data.test_seed={data.test_seed})")
-    return [case for case in cases if case.case_id in held_out], described, data.layout
+    return cases, described, data.layout
 
 
 def _train_as_other_rank(config: Config, ranks: distributed.Ranks) -> RunSummary:
