@@ -515,7 +515,7 @@ def compose_report(handle: StudyHandle, results: list[Result],
 
     lines += ["## Factors", "",
               "Per level: mean [95 % CI] over repeats, and the difference to the first level "
-              "± its 95 % CI half-width (paired by repeat where possible).", ""]
+              f"± its 95 % CI half-width ({_pairing(spec)} where possible).", ""]
     for name, dim in spec.space.items():
         rows = factor_rows(levels(name, dim, results))
         lines += [f"### {name}", ""]
@@ -558,7 +558,9 @@ def _header(handle: StudyHandle, spec: StudySpec) -> list[str]:
         ("sampler", f"{spec.sampler.type} (seed {spec.sampler.seed})"),
         ("pruner", pruner),
         ("objective", f"{spec.objective.direction} best_val_{spec.objective.metric}"),
-        ("repeats", str(spec.repeats)),
+        ("repeats", str(spec.repeats) if spec.cv is None else
+         f"{spec.total_repeats}: cross-validation, {spec.cv.folds} folds x {spec.repeats} "
+         "seed(s) (repeat r = fold r % folds, seed + r // folds)"),
         ("trials", f"{counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed, "
                    f"{counts.retried} retried after a lost worker, {counts.running} running, "
                    f"{counts.waiting} queued"),
@@ -572,8 +574,8 @@ def _header(handle: StudyHandle, spec: StudySpec) -> list[str]:
     lines += ["Only complete trials count. A group's value per repeat is its mean over the "
               "group's trials of that repeat; estimates are the mean over repeats [its 95 % "
               "t-interval, within [0, 1] where the metrics lie]; "
-              "differences are ± the 95 % t-interval half-width (clipped to [-1, 1]) and pair "
-              "repeats (same seed) when both sides have the same ones. Inconclusive hypotheses "
+              "differences are ± the 95 % t-interval half-width (clipped to [-1, 1]) and are "
+              f"{_pairing(spec)} when both sides have the same repeats. Inconclusive hypotheses "
               "say what the noise allows: the minimum detectable effect at 80 % power and the "
               "repeats needed, by the t approximation for the same test (see `ptxlab.noise`). "
               "Hypotheses on per-image Dice also get a paired bootstrap over the validation "
@@ -581,6 +583,14 @@ def _header(handle: StudyHandle, spec: StudySpec) -> list[str]:
               "Pruned trials are left out, which favours configurations that survive pruning.",
               ""]
     return lines
+
+
+def _pairing(spec: StudySpec) -> str:
+    """How differences pair repeats: by seed, or under cv by fold (and seed)."""
+    if spec.cv is None:
+        return "paired by repeat (same seed)"
+    return "paired by fold (same validation images" + (
+        ", same seed)" if spec.repeats == 1 else "; and by seed)")
 
 
 def _verdict_lines(verdict: Verdict) -> list[str]:

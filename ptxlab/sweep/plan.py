@@ -1,7 +1,8 @@
 """`ptxlab sweep STUDY --plan`: what a study will cost, read from the study file alone.
 
-Nothing is written and no storage is opened. Trials are the grid's (configurations x repeats),
-or the trial budget of a TPE/random study. Trainings are the distinct training configurations
+Nothing is written and no storage is opened. Trials are the grid's (configurations x repeats;
+under cv, repeats count folds x seeds and each training holds out 1/folds), or the trial budget
+of a TPE/random study. Trainings are the distinct training configurations
 x repeats: levels of evaluation-only factors (`StudySpec.evaluation_dimensions`) are scored on
 one training's stored maps. Epochs are the planned maximum of each training (`train.epochs`, or
 what `train.max_steps` needs), before early stopping or pruning. With `step_ms` (the time of one
@@ -44,12 +45,14 @@ class Plan:
     sampler: str
     trials: int
     trainings: int
-    repeats: int
+    repeats: int  # per configuration: seeds, times the folds under cv
     evaluation_factors: list[str]
     configurations: list[Training]
     train_images: int | None
     step_ms: float | None
     notes: list[str] = field(default_factory=list)
+    held_out: float | None = None  # the validation share of each training
+    cv_folds: int | None = None
 
     @property
     def max_epochs(self) -> int | None:
@@ -83,6 +86,7 @@ class Plan:
     def to_json(self) -> dict:
         return {"study": self.study, "sampler": self.sampler, "trials": self.trials,
                 "trainings": self.trainings, "repeats": self.repeats,
+                "cv_folds": self.cv_folds, "held_out_fraction": self.held_out,
                 "evaluation_only_factors": self.evaluation_factors,
                 "arms_per_training": sorted({t.arms for t in self.configurations}),
                 "max_epochs": self.max_epochs, "total_epochs": self.total_epochs,
@@ -97,6 +101,10 @@ class Plan:
                "evaluation-only factors (scored on stored maps, not trained): "
                + (", ".join(self.evaluation_factors) or "none"),
                f"evaluation arms per training: {', '.join(map(str, arms)) or 'n/a'}",
+               *([f"cross-validation: {self.cv_folds} folds x {self.repeats // self.cv_folds} "
+                  f"seed(s) = {self.repeats} repeats per configuration; each training holds "
+                  f"out 1/{self.cv_folds} = {self.held_out:.3g} for validation"]
+                 if self.cv_folds else []),
                f"max epochs per training: {self.max_epochs or 'n/a'} "
                f"(all trainings: {self.total_epochs or 'n/a'}; before early stopping/pruning)"]
         hours = self.hours()
@@ -120,8 +128,13 @@ def train_images(config: Config) -> int | None:
     else:
         return None
     total -= round(total * data.test_fraction)
-    held_out = 1 / data.folds if data.folds > 1 else data.val_fraction
-    return total - max(1, round(total * held_out))
+    return total - max(1, round(total * held_out_fraction(config)))
+
+
+def held_out_fraction(config: Config) -> float:
+    """The share of the data one training validates on: 1/folds under k-fold."""
+    data = config.data
+    return 1 / data.folds if data.folds > 1 else data.val_fraction
 
 
 def make_plan(loaded: StudyFile, step_ms: float | None = None,
@@ -130,9 +143,9 @@ def make_plan(loaded: StudyFile, step_ms: float | None = None,
     spec = loaded.spec
     notes = []
     if spec.mode == "postprocess":
-        trials = len(spec.configurations()) * spec.repeats if spec.sampler.type == "grid" \
+        trials = len(spec.configurations()) * spec.total_repeats if spec.sampler.type == "grid" \
             else spec.n_trials or 0
-        return Plan(spec.name, spec.sampler.type, trials, 0, spec.repeats, list(spec.space), [],
+        return Plan(spec.name, spec.sampler.type, trials, 0, spec.total_repeats, list(spec.space), [],
                     None, step_ms, ["mode postprocess trains nothing: it scores finished runs"])
     if spec.sampler.type != "grid":
         notes.append(f"{spec.sampler.type} sampler: trainings are at most the trial budget "
@@ -142,10 +155,11 @@ def make_plan(loaded: StudyFile, step_ms: float | None = None,
         trials = spec.n_trials or 0
     else:
         points = spec.configurations()
-        trials = len(points) * spec.repeats
+        trials = len(points) * spec.total_repeats
     base = loaded.base_config
+    reference = build_config(base, spec.cv_overrides(0), str(loaded.path))
     if images is None:
-        images = train_images(build_config(base, {}, str(loaded.path)))
+        images = train_images(reference)
         if images is None and step_ms is not None:
             notes.append("GPU-hours need the training-set size: the data source is not here; "
                          "pass --train-images N")
@@ -154,11 +168,14 @@ def make_plan(loaded: StudyFile, step_ms: float | None = None,
         grouped.setdefault(spec.training_key(params), []).append(params)
     configurations = []
     for group in grouped.values():
-        config = build_config(base, spec.overrides_for(group[0]), str(loaded.path))
+        config = build_config(base, {**spec.overrides_for(group[0]), **spec.cv_overrides(0)},
+                              str(loaded.path))
         configurations.append(_training(config, group, images))
-    trainings = len(configurations) * spec.repeats if spec.sampler.type == "grid" else trials
-    return Plan(spec.name, spec.sampler.type, trials, trainings, spec.repeats,
-                spec.evaluation_dimensions(), configurations, images, step_ms, notes)
+    trainings = len(configurations) * spec.total_repeats if spec.sampler.type == "grid" \
+        else trials
+    return Plan(spec.name, spec.sampler.type, trials, trainings, spec.total_repeats,
+                spec.evaluation_dimensions(), configurations, images, step_ms, notes,
+                held_out_fraction(reference), spec.cv.folds if spec.cv else None)
 
 
 def _training(config: Config, group: list[dict], images: int | None) -> Training:

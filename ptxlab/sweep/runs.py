@@ -64,6 +64,8 @@ def create_parent_run(loaded: StudyFile, definition: dict, experiment: str,
               "study.direction": spec.objective.direction,
               "study.grid_size": definition["grid_size"], "study.storage": masked_storage,
               "sampler.type": spec.sampler.type, "sampler.seed": spec.sampler.seed}
+    if spec.cv:
+        params["study.cv_folds"] = spec.cv.folds
     params.update({f"pruner.{k}": v for k, v in spec.pruner.model_dump().items()})
     params.update({f"space.{name}": _dimension_text(dim) for name, dim in spec.space.items()})
     params.update({f"set.{key}": json.dumps(value) for key, value in spec.overrides.items()})

@@ -3,7 +3,8 @@ its sampler and pruner, and its trials tallied by state.
 
 Trials and repeats. A configuration is one assignment of the space; it is trained `repeats`
 times with seeds `seed + r` (trial user attr `repeat`), so the report can set effects against
-seed noise. A grid study enqueues every (configuration, repeat) once, when the study is created
+seed noise. Under `cv: {folds: K}` it is trained K x `repeats` times: repeat r is fold r % K
+(user attr `fold`) with seed `seed + r // K`. A grid study enqueues every (configuration, repeat) once, when the study is created
 (repeat by repeat, each round shuffled by the sampler seed); workers only take trials from that
 queue, which both storages hand out atomically, so no grid point runs twice however many workers
 there are, and a drained queue ends the workers cleanly. TPE and random studies sample a
@@ -92,6 +93,8 @@ def _fingerprint(definition: dict) -> str:
             if k not in ("description", "hypotheses", "heartbeat", "n_trials")}
     if spec.get("share_trainings", True):  # the default, and studies made before it existed
         spec.pop("share_trainings", None)
+    if spec.get("cv") is None:  # likewise for studies without cross-validation
+        spec.pop("cv", None)
     payload = json.dumps(spec, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -141,7 +144,8 @@ def open_study(loaded: StudyFile, url: str, seed_offset: int | None = None) -> S
 
 def _definition(loaded: StudyFile, source_runs: list[str]) -> dict[str, Any]:
     spec = loaded.spec
-    grid = len(spec.configurations()) * spec.repeats if spec.sampler.type == "grid" else None
+    grid = (len(spec.configurations()) * spec.total_repeats if spec.sampler.type == "grid"
+            else None)
     return {"spec": spec.model_dump(mode="json", by_alias=True), "base_config": loaded.base_config,
             "source_runs": source_runs, "grid_size": grid}
 
@@ -163,7 +167,7 @@ def _initialise(study: optuna.Study, loaded: StudyFile, url: str) -> dict[str, A
         shuffle = random.Random(spec.sampler.seed)
         configurations = spec.configurations()
         trained: set[tuple[str, int]] = set()
-        for repeat in range(spec.repeats):
+        for repeat in range(spec.total_repeats):
             for params in shuffle.sample(configurations, len(configurations)):
                 attrs: dict[str, Any] = {"repeat": repeat}
                 if spec.mode == "train":  # the first of a training's trials trains it

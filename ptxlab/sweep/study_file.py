@@ -19,6 +19,7 @@ config keys, a sampler, a pruner, the objective and `repeats`:
           fixed-updates: {train.max_steps: 300}
     repeats: 3                            # seeds per configuration: seed, seed + 1, ...
                                           # (one validation split: data.split_seed)
+    cv: {folds: 5}                        # optional: cross-validation (see `CvSpec`)
     sampler: {type: grid, seed: 0}        # grid | tpe | random
     pruner: {type: median, n_warmup_steps: 2}    # none | median | hyperband, on val_iou
     objective: {metric: pooled_iou, direction: maximize}    # best_val_<metric> of the run
@@ -229,6 +230,25 @@ class HeartbeatSpec(_Strict):
         return self
 
 
+class CvSpec(_Strict):
+    """Cross-validation: the repeats of a configuration are the `folds` folds of one stratified
+    split (`data.folds`, `data.fold`; the split seed fixed as always), times `repeats` seeds.
+    Repeat r trains fold r % folds with seed `seed` + r // folds, so every image is validated
+    exactly once per configuration and seed."""
+
+    folds: int
+
+    @field_validator("folds")
+    @classmethod
+    def _at_least_two(cls, folds: int) -> int:
+        if folds < 2:
+            raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+        return folds
+
+
+CV_KEYS = ("data.folds", "data.fold")  # what `cv` sets per trial; a study may not set them
+
+
 class Hypothesis(_Strict):
     """A claim the report tests: trials matching `compare` against those matching `against`
     (both within `where`), on `metric`, as the difference of per-repeat means with a 95 % CI.
@@ -267,7 +287,8 @@ class StudySpec(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, alias="set")
     experiment: str | None = Field(None, description="MLflow experiment of the parent and trials")
     space: dict[str, Dimension] = Field(min_length=1)
-    repeats: int = Field(1, ge=1)
+    repeats: int = Field(1, ge=1, description="seeds per configuration (per fold under cv)")
+    cv: CvSpec | None = None
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
@@ -315,12 +336,46 @@ class StudySpec(_Strict):
                                  f"repeats={self.repeats}")
         elif self.source is not None:
             raise ValueError("`source` is for mode postprocess")
+        self._cv_coherent()
         for hypothesis in self.hypotheses:
             keys = {*hypothesis.compare, *hypothesis.against, *hypothesis.where}
             if keys - set(self.space):
                 raise ValueError(f"hypothesis {hypothesis.name!r}: {sorted(keys - set(names))} "
                                  "are not dimensions of the space")
         return self
+
+    def _cv_coherent(self) -> None:
+        """`cv` trains folds: refused in mode postprocess and where the study sets the fold
+        keys itself (data.split random is refused on the resolved configs, see
+        `load_study_file`)."""
+        if self.cv is None:
+            return
+        if self.mode == "postprocess":
+            raise ValueError("mode postprocess trains nothing: it takes no `cv`")
+        keys = set(self.overrides) | {k for n, d in self.space.items() for k in d.keys(n)}
+        taken = sorted(keys & set(CV_KEYS))
+        if taken:
+            raise ValueError(f"cv sets {' and '.join(CV_KEYS)} per trial: remove {taken} from "
+                             "`set`/`space`")
+
+    @property
+    def total_repeats(self) -> int:
+        """Trials per configuration: `repeats` seeds, times the folds under cv."""
+        return self.repeats * (self.cv.folds if self.cv else 1)
+
+    def repeat_fold(self, repeat: int) -> int | None:
+        """The fold that repeat index `repeat` trains (None without cv)."""
+        return repeat % self.cv.folds if self.cv else None
+
+    def repeat_seed_offset(self, repeat: int) -> int:
+        """What repeat index `repeat` adds to the base seed: r // folds under cv, else r."""
+        return repeat // self.cv.folds if self.cv else repeat
+
+    def cv_overrides(self, repeat: int) -> dict[str, Any]:
+        """The fold keys of repeat index `repeat` (none without cv)."""
+        if self.cv is None:
+            return {}
+        return {"data.folds": self.cv.folds, "data.fold": self.repeat_fold(repeat)}
 
     def configurations(self) -> list[dict[str, Label]]:
         """Every grid configuration (only active dimensions), in the order of the space."""
@@ -388,7 +443,10 @@ def load_study_file(path: Path | str, name: str | None = None,
         base_config = build_config(load_config(base).model_dump(mode="json"),
                                    spec.overrides, f"{path}: set").model_dump(mode="json")
         for params in _validation_points(spec):
-            build_config(base_config, spec.overrides_for(params), f"{path}: {params}")
+            config = build_config(base_config, spec.overrides_for(params), f"{path}: {params}")
+            if spec.cv and config.data.split == "random":
+                raise ConfigError(f"{path}: cv needs data.split: stratified (the config of "
+                                  f"{params or 'the base'} has data.split: random)")
     else:
         for params in _validation_points(spec):
             build_postprocessing(spec.overrides_for(params), resolution=512,

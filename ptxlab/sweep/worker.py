@@ -144,7 +144,7 @@ class Worker:
         if trial_id is not None:
             return Trial(self.handle.study, trial_id)
         pending = counts.finished + counts.running + counts.waiting
-        if self.spec.sampler.type != "grid" and pending + self.spec.repeats <= self.budget:
+        if self.spec.sampler.type != "grid" and pending + self.spec.total_repeats <= self.budget:
             with warnings.catch_warnings():  # this loop keeps the heartbeats, not optimize()
                 warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
                 return self.handle.study.ask()
@@ -206,15 +206,20 @@ class Worker:
             repeat = 0
             for name, value in self._new_trial_attrs(params, 0, started=True).items():
                 trial.set_user_attr(name, value)
-            for other in range(1, self.spec.repeats):
+            for other in range(1, self.spec.total_repeats):
                 self.handle.study.enqueue_trial(
                     params, user_attrs=self._new_trial_attrs(params, other, started=False))
         trial.set_user_attr("worker", self.name)
+        fold = self.spec.repeat_fold(repeat)
+        if fold is not None:
+            trial.set_user_attr("fold", fold)
         system_attrs = self.handle.storage.get_trial(self.handle.trial_id(trial.number)).system_attrs
         tags = {"ptxlab.study": self.spec.name, "optuna.study": self.spec.name,
                 "optuna.trial_number": str(trial.number), "ptxlab.repeat": str(repeat),
                 "ptxlab.worker": self.name,
                 **{f"optuna.param.{k}": str(v) for k, v in params.items()}}
+        if fold is not None:
+            tags["ptxlab.fold"] = str(fold)
         if "failed_trial" in system_attrs:
             tags["ptxlab.retry_of_trial"] = str(system_attrs["retry_history"][-1])
         run_name = f"{self.spec.name}-{trial.number:04d}"
@@ -244,9 +249,10 @@ class Worker:
         base = self.handle.base_config
         fixed = self.spec.overrides_for(params)
         # Repeats vary the training seed on one validation split: the base config's, unless
-        # the study sets data.split_seed itself.
+        # the study sets data.split_seed itself; under cv they also choose the fold of it.
         split_seed = fixed.get("data.split_seed", base["data"]["split_seed"])
-        overrides = {**fixed, "seed": base["seed"] + repeat,
+        overrides = {**fixed, **self.spec.cv_overrides(repeat),
+                     "seed": base["seed"] + self.spec.repeat_seed_offset(repeat),
                      "data.split_seed": base["seed"] if split_seed is None else split_seed,
                      "tracking.run_name": run_name, "tracking.experiment": self.handle.experiment}
         return build_config(base, overrides, f"trial {number}")
