@@ -264,8 +264,11 @@ def dataset(manifest_rows: list[dict], source: str, name: str, digest: str):
     """A data set's case manifest as an MLflow dataset with a content digest."""
     import pandas as pd
 
-    return mlflow.data.from_pandas(pd.DataFrame(manifest_rows), source=source, name=name,
-                                   digest=digest, targets="positive")
+    with warnings.catch_warnings():  # MLflow registers its local-file source class twice
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in "
+                                "multiple ways", UserWarning)
+        return mlflow.data.from_pandas(pd.DataFrame(manifest_rows), source=source, name=name,
+                                       digest=digest, targets="positive")
 
 
 def log_dataset(dataset, context: str) -> None:

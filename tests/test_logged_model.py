@@ -239,3 +239,17 @@ def test_sweep_register_points_best_at_the_best_trial_s_model(isolated_store, sa
     expected = _ptxlab_masks(best_run.info.run_id, sample_images[:1], isolated_store / "by-id")
     got = cv2.imread(str(out / f"{sample_images[0].stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
     assert np.array_equal(got, expected[0])
+
+
+def test_a_local_data_set_becomes_an_mlflow_dataset_without_warnings():
+    """MLflow registers its local-file source class twice and warns about the ambiguity on
+    every run; ptxlab's dataset inputs are local folders."""
+    import warnings
+
+    from ptxlab import tracking
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset = tracking.dataset([{"id": "a", "positive": True}], str(SIIM_SAMPLE),
+                                   "siim-sample-validation", "0" * 8)
+    assert dataset.digest == "0" * 8 and dataset.name == "siim-sample-validation"
