@@ -44,6 +44,9 @@ PER_IMAGE_DICE = "validation/per_image_dice.json"  # {"ids": [...], "dice": [...
 LEARNING_CURVES = "plots/learning_curves.png"
 POSTPROCESS_SEARCH_PLOT = "plots/postprocess_search.png"
 VALIDATION_OVERLAYS = "plots/validation_overlays.png"
+
+# On a study's parent run: the out-of-fold table of a cross-validation study (`sweep.oof`).
+OUT_OF_FOLD = "study/out_of_fold.json"
 TEST = "test"  # the test set's evaluation name (metrics test_*) and its key in SPLIT
 
 

@@ -28,6 +28,7 @@ from ptxlab.metrics import accumulate
 from ptxlab.mlflow_model import log_model
 from ptxlab.postprocess import (
     PAPER_GRID,
+    Choice,
     PostProcessing,
     SearchResult,
     apply,
@@ -355,22 +356,28 @@ def evaluate_validation(config: Config, predictions: Predictions,
 
 
 def _choose_postprocessing(config: Config, predictions: Predictions) -> PostProcessing:
-    """`postprocess.choose` on the validation maps (all, or the seeded subset
-    `postprocess.search_images`); its searches logged (table and heatmap)."""
+    """`choose_postprocessing`, its searches logged (table and heatmap)."""
+    pp = config.postprocess
+    choice = choose_postprocessing(config, predictions)
+    if choice.search is not None:
+        _log_search(choice.search, pp.resolution, pp.objective)
+    if choice.gate_search is not None:
+        tracking.log_dict(choice.gate_search.to_dict(), artifacts.GATE_SEARCH)
+    return choice.rule
+
+
+def choose_postprocessing(config: Config, predictions: Predictions) -> Choice:
+    """`postprocess.choose` on validation maps (all, or the seeded subset
+    `postprocess.search_images`) with the config's rule, search, objective, grid and gate."""
     pp = config.postprocess
     configured = PostProcessing(pp.rule, threshold=pp.threshold, min_area=pp.min_area,
                                 top_threshold=pp.top_threshold, min_top_area=pp.min_top_area,
                                 bottom_threshold=pp.bottom_threshold, resolution=pp.resolution)
     subset = search_subset(len(predictions.probs), pp.search_images, config.seed)
     head = None if predictions.class_probs is None else predictions.class_probs[subset]
-    choice = choose(predictions.probs[subset], predictions.truths[subset], configured,
-                    pp.search, pp.objective, config.model.gate, head,
-                    grid=PAPER_GRID if pp.grid == "paper" else None)
-    if choice.search is not None:
-        _log_search(choice.search, pp.resolution, pp.objective)
-    if choice.gate_search is not None:
-        tracking.log_dict(choice.gate_search.to_dict(), artifacts.GATE_SEARCH)
-    return choice.rule
+    return choose(predictions.probs[subset], predictions.truths[subset], configured,
+                  pp.search, pp.objective, config.model.gate, head,
+                  grid=PAPER_GRID if pp.grid == "paper" else None)
 
 
 def _log_search(result: SearchResult, resolution: int, objective: str) -> None:

@@ -102,6 +102,22 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((rank_sum_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def weighted_roc_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """`roc_auc` with image i counted weights[r, i] times, for every row r of `weights` at once
+    (a bootstrap's resamples): (R, N) -> (R,), NaN for a row without both classes."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    order = np.argsort(scores, kind="stable")
+    ranked = scores[order]
+    ties = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # first of each tied score
+    labels = np.asarray(labels, dtype=bool).ravel()[order]
+    weights = np.asarray(weights, dtype=np.float64)[:, order]
+    pos = np.add.reduceat(weights * labels, ties, axis=1)
+    neg = np.add.reduceat(weights * ~labels, ties, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negative weight scored strictly lower
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+
+
 def image_scores(probs: np.ndarray, head_probs: np.ndarray | None = None) -> np.ndarray:
     """Each image's score: its classification-head probability when the model has a head,
     else the highest pixel probability of its (H, W) map (uint8 maps are /255)."""
@@ -217,6 +233,10 @@ class MetricAccumulator:
             group: self._metrics({k: v[columns["group"] == group] for k, v in columns.items()})
             for group in sorted(set(columns["group"]))
         }
+
+    def per_image(self) -> dict[str, np.ndarray]:
+        """Per image, in the order seen: id, group, confusion counts tp/fp/fn/tn and score."""
+        return dict(self._columns())
 
     def rows(self) -> list[dict[str, object]]:
         """One row per image: id, group, truth_area, pred_area, dice, iou, score."""

@@ -19,6 +19,7 @@ target distance, the noise per repeat held at what was observed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,3 +106,32 @@ def image_bootstrap(a: dict[int, np.ndarray], b: dict[int, np.ndarray],
     resampled /= len(differences)
     low, high = np.percentile(resampled, [2.5, 97.5])
     return float(np.mean([np.nanmean(d) for d in differences])), float(low), float(high)
+
+
+BOOTSTRAP_CELLS = 4_000_000  # resamples x images held in memory at once
+
+
+def image_bootstrap_intervals(statistics: dict[str, Callable[[np.ndarray], np.ndarray]],
+                              n_images: int, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95 % percentile intervals of statistics of one set of images, over BOOTSTRAP_RESAMPLES
+    resamples of the images with replacement (the same resamples for every statistic). A
+    statistic gets resamples as weights, an (R, n_images) array of how often each image was
+    drawn, and returns R values; NaN ones (e.g. an AUC of a resample with one class) are left
+    out, and a statistic with none gets (NaN, NaN)."""
+    rng = np.random.default_rng(seed)
+    found: dict[str, list[np.ndarray]] = {name: [] for name in statistics}
+    chunk = max(1, BOOTSTRAP_CELLS // max(1, n_images))
+    for start in range(0, BOOTSTRAP_RESAMPLES, chunk):
+        count = min(chunk, BOOTSTRAP_RESAMPLES - start)
+        draws = rng.integers(0, n_images, size=(count, n_images))
+        draws += n_images * np.arange(count)[:, None]
+        weights = np.bincount(draws.ravel(), minlength=count * n_images).reshape(count, n_images)
+        for name, statistic in statistics.items():
+            found[name].append(np.asarray(statistic(weights), dtype=np.float64))
+    intervals = {}
+    for name, values in found.items():
+        values = np.concatenate(values)
+        values = values[np.isfinite(values)]
+        intervals[name] = ((float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
+                           if values.size else (math.nan, math.nan))
+    return intervals

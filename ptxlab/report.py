@@ -17,6 +17,11 @@ A hypothesis (`ptxlab.sweep.Hypothesis`) compares side A (`compare`) with side B
 
 and inconclusive otherwise, which includes fewer than two repeats (no noise estimate).
 
+The best-configuration table lists every configuration with pooled IoU/Dice, per-image Dice
+and image AUC (under cv: means over folds and seeds), and the same on the held-out test subset
+(`data.test_fraction`) when the trials scored one. A cv study's report also (re)does and shows
+its out-of-fold post-processing (`ptxlab.sweep.oof`).
+
 The report is written as `report.md` with PNG plots under `plots/` (or, given a `.md` file, as
 that file with its plots in a folder of the same name beside it), and logged under `report/` to
 the study's MLflow parent run. Text above `PREAMBLE_MARKER` in an existing page is kept: a
@@ -60,10 +65,14 @@ from ptxlab.sweep import (
     matches,
     tally,
 )
+from ptxlab.sweep.oof import OutOfFold, out_of_fold
 
 REPORT_METRICS = {"pooled_iou": "pooled IoU", "mean_dice": "per-image Dice", "auc": "image AUC"}
+# The configurations table: these, and the same on the held-out test subset when trials have it.
+TABLE_METRICS = {"pooled_iou": "pooled IoU", "pooled_dice": "pooled Dice",
+                 "mean_dice": "per-image Dice", "auc": "image AUC"}
+TEST_PREFIX = "test_"
 MAX_LEVELS = 8  # numeric factors with more distinct values are binned into quartiles
-TOP_CONFIGURATIONS = 5
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class Result:
     metrics: dict[str, float | None]
     value: float
     run_id: str | None = None  # its MLflow child run
+    test_metrics: dict[str, float | None] = field(default_factory=dict)  # data.test_fraction
 
 
 @dataclass(frozen=True)
@@ -156,10 +166,14 @@ def _difference(a: dict[int, float], b: dict[int, float]) -> Estimate:
 
 
 def per_repeat(results: list[Result], metric: str) -> dict[int, float]:
-    """Per repeat, the metric's mean over the results of that repeat (missing values skipped)."""
+    """Per repeat, the metric's mean over the results of that repeat (missing values skipped);
+    `test_<metric>` reads the trials' scores on the held-out test subset."""
     grouped: dict[int, list[float]] = defaultdict(list)
     for result in results:
-        value = result.metrics.get(metric)
+        if metric.startswith(TEST_PREFIX):
+            value = result.test_metrics.get(metric.removeprefix(TEST_PREFIX))
+        else:
+            value = result.metrics.get(metric)
         if value is not None and math.isfinite(value):
             grouped[result.repeat].append(value)
     return {repeat: float(np.mean(values)) for repeat, values in sorted(grouped.items())}
@@ -169,7 +183,7 @@ def collect(study: optuna.Study) -> list[Result]:
     """Complete trials with their logged metrics."""
     return [Result(t.number, dict(t.params), int(t.user_attrs.get("repeat", 0)),
                    t.user_attrs.get("metrics", {}), float(t.value),
-                   t.user_attrs.get("mlflow_run_id"))
+                   t.user_attrs.get("mlflow_run_id"), t.user_attrs.get("test_metrics") or {})
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
@@ -482,7 +496,8 @@ def write_report(target: str, storage: str | None = None, out: Path | None = Non
     page = Page.at(Path(out or tracking.local_store() / "reports" / spec.name))
     page.figures.mkdir(parents=True, exist_ok=True)
     results = collect(handle.study)
-    lines, figures, verdicts = compose_report(handle, results, page)
+    oof = out_of_fold(handle)  # cv studies: (re)done and logged, idempotently
+    lines, figures, verdicts = compose_report(handle, results, page, oof)
     write_text(page.markdown, "\n".join(page.preamble() + lines) + "\n")
     client = tracking.configure()
     client.log_artifact(handle.parent_run_id, str(page.markdown), "report")
@@ -491,9 +506,10 @@ def write_report(target: str, storage: str | None = None, out: Path | None = Non
     return ReportResult(page.markdown, verdicts, handle.parent_run_id, figures)
 
 
-def compose_report(handle: StudyHandle, results: list[Result],
-                   page: Page) -> tuple[list[str], list[Path], list[Verdict]]:
-    """Markdown lines, the figures written for `page`, and the verdicts."""
+def compose_report(handle: StudyHandle, results: list[Result], page: Page,
+                   oof: OutOfFold | None = None) -> tuple[list[str], list[Path], list[Verdict]]:
+    """Markdown lines, the figures written for `page`, and the verdicts (`oof`: the
+    out-of-fold table of a cv study)."""
     spec = handle.spec
     maximize = spec.objective.direction == "maximize"
     objective = f"best_val_{spec.objective.metric}"
@@ -512,10 +528,12 @@ def compose_report(handle: StudyHandle, results: list[Result],
     lines += ["## Best configuration", ""]
     lines += _best_lines(spec, results, maximize)
     lines += _edge_lines(spec, results, maximize)
+    if oof is not None:
+        lines += _out_of_fold_lines(oof)
 
     lines += ["## Factors", "",
               "Per level: mean [95 % CI] over repeats, and the difference to the first level "
-              f"± its 95 % CI half-width ({_pairing(spec)} where possible).", ""]
+              f"± its 95 % CI half-width, {_pairing(spec)} where possible.", ""]
     for name, dim in spec.space.items():
         rows = factor_rows(levels(name, dim, results))
         lines += [f"### {name}", ""]
@@ -626,15 +644,7 @@ def _best_lines(spec: StudySpec, results: list[Result], maximize: bool) -> list[
     groups = configurations(results)
     ranked = sorted(groups.items(), key=lambda item: np.mean(
         list(per_repeat(item[1], metric).values()) or [math.nan]), reverse=maximize)
-    lines = [f"Configurations ranked by the mean of best_val_{metric} over repeats (top "
-             f"{TOP_CONFIGURATIONS}):", "",
-             "| configuration | repeats | " + " | ".join(REPORT_METRICS.values()) + " |",
-             "| --- | --- |" + " --- |" * len(REPORT_METRICS)]
-    for key, group in ranked[:TOP_CONFIGURATIONS]:
-        cells = [bounded_estimate(list(per_repeat(group, m).values())).text() for m in REPORT_METRICS]
-        lines.append(f"| {_conditions_text(dict(key))} | {len({r.repeat for r in group})} | "
-                     + " | ".join(cells) + " |")
-    lines.append("")
+    lines = _configuration_table(spec, ranked)
     for m, title in REPORT_METRICS.items():
         found = best_configuration(results, m)
         if found:
@@ -645,6 +655,55 @@ def _best_lines(spec: StudySpec, results: list[Result], maximize: bool) -> list[
     lines += [f"- best single trial: {best_trial.number} ({_conditions_text(best_trial.params)}, repeat "
               f"{best_trial.repeat}): {best_trial.value:.4f}", ""]
     return lines
+
+
+def _configuration_table(spec: StudySpec, ranked: list[tuple[tuple, list[Result]]]
+                         ) -> list[str]:
+    """Every configuration: its validation metrics (mean [95 % CI] over repeats: folds and
+    seeds under cv) and, when its trials scored the held-out test subset, the test ones."""
+    metrics = list(TABLE_METRICS)
+    titles = list(TABLE_METRICS.values())
+    if any(r.test_metrics for _, group in ranked for r in group):
+        metrics += [TEST_PREFIX + m for m in TABLE_METRICS]
+        titles += [f"test {title}" for title in TABLE_METRICS.values()]
+    over = ("repeats" if spec.cv is None else
+            f"repeats ({spec.cv.folds} folds x {spec.repeats} seed(s), cross-validated)")
+    lines = [f"Configurations ranked by the mean of best_val_{spec.objective.metric} over "
+             f"repeats; each value the mean [95 % CI] over {over}"
+             + ("; test: the held-out test subset, per trial, averaged the same way"
+                if len(metrics) > len(TABLE_METRICS) else "") + ":", "",
+             "| configuration | repeats | " + " | ".join(titles) + " |",
+             "| --- | --- |" + " --- |" * len(titles)]
+    for key, group in ranked:
+        cells = [bounded_estimate(list(per_repeat(group, m).values())).text() for m in metrics]
+        lines.append(f"| {_conditions_text(dict(key))} | {len({r.repeat for r in group})} | "
+                     + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _out_of_fold_lines(oof: OutOfFold) -> list[str]:
+    """The cv study's out-of-fold table (`sweep.oof`)."""
+    lines = ["## Out-of-fold (pooled over folds)", "",
+             f"Per configuration and seed, the {oof.folds} folds' validation maps pooled (every "
+             "image once), the configuration's post-processing chosen on them with its own rule "
+             "and search objective, and scored there; [95 % image-bootstrap interval, "
+             f"{BOOTSTRAP_RESAMPLES} resamples of the pooled images]. Logged to the parent run "
+             f"as `{artifacts.OUT_OF_FOLD}`; the best configuration's as `oof_*` metrics.", "",
+             "| configuration | seed | chosen post-processing | images | "
+             + " | ".join(TABLE_METRICS.values()) + " |",
+             "| --- | --- | --- | --- |" + " --- |" * len(TABLE_METRICS)]
+    for row in oof.rows:
+        cells = [f"{row.metrics[m]:.4f} [{row.intervals[m][0]:.4f}, {row.intervals[m][1]:.4f}]"
+                 if math.isfinite(row.metrics[m]) else "n/a" for m in TABLE_METRICS]
+        lines.append(f"| {row.label} | {row.seed} | {row.rule_text} | "
+                     f"{int(row.metrics['n_images'])} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if oof.best:
+        lines += [f"- best by out-of-fold {oof.objective}: {oof.best[0].label} "
+                  f"({oof.mean(oof.best, oof.objective):.4f}, mean over {len(oof.best)} "
+                  "seed(s))", ""]
+    lines += [f"- not pooled: {item}" for item in oof.incomplete]
+    return lines + ([""] if oof.incomplete else [])
 
 
 def edge_optima(spec: StudySpec, results: list[Result], maximize: bool) -> list[str]:

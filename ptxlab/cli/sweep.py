@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ptxlab import artifacts
 from ptxlab.cli.errors import fail_cleanly
 from ptxlab.cli.options import SetOption, StorageOption
 from ptxlab.cli.registry import RegisterOption, register_best_model
@@ -59,6 +60,7 @@ def sweep(
         params = ", ".join(f"{k}={v}" for k, v in result.best.params.items())
         print(f"best trial {result.best.number}: {result.best.value:.4f} ({params}; "
               f"repeat {result.best.user_attrs.get('repeat')})")
+    _print_out_of_fold(result.out_of_fold)
     print(f"MLflow parent run {result.parent_run_id} (experiment '{result.experiment}'); "
           f"report: ptxlab report {study}")
     print(f"compare its trials: ptxlab ui, then {parent_link(result.parent_run_id)}")
@@ -69,6 +71,15 @@ def sweep(
         raise typer.Exit(3)
     if register:
         register_best_model(name or str(study), storage, register)
+
+
+def _print_out_of_fold(oof) -> None:
+    """A cv study's best out-of-fold configuration (`sweep.oof`), when there is one."""
+    if oof and oof.best:
+        print(f"out-of-fold ({oof.folds} folds pooled, {len(oof.rows)} configuration x seed "
+              f"rows): best {oof.best[0].label}: oof_{oof.objective}="
+              f"{oof.mean(oof.best, oof.objective):.4f} (table {artifacts.OUT_OF_FOLD} on the "
+              "parent run)")
 
 
 def _print_plan(study: Path, name: str | None, as_json: bool, step_ms: float | None,

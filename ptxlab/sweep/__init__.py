@@ -3,7 +3,8 @@
 `study_file` (the YAML schema and loading), `storage` (journal or RDB, with heartbeats), `runs`
 (the MLflow parent and child runs), `source_runs` (stored maps: what a `postprocess` study and an
 evaluation arm score), `study` (create, join or read a study), `trainings` (which trial trains
-what), `worker` (take and run trials), `runner` (`run_sweep`), `plan` (`--plan`: the cost).
+what), `worker` (take and run trials), `runner` (`run_sweep`), `plan` (`--plan`: the cost), `oof` (a
+cross-validation study's out-of-fold post-processing on its pooled folds).
 
 Shared trainings (mode train, `share_trainings: true`, the default). A config key is
 evaluation-only when the config schema marks it so (`config.evaluation_only`: post-processing

@@ -15,6 +15,7 @@ from pathlib import Path
 from optuna.trial import FrozenTrial, TrialState
 
 from ptxlab import environment
+from ptxlab.sweep.oof import OutOfFold, out_of_fold
 from ptxlab.sweep.storage import masked, resolve_storage
 from ptxlab.sweep.study import StudyHandle, Tally, open_study, tally
 from ptxlab.sweep.study_file import StudyFile, load_study_file
@@ -60,6 +61,7 @@ class SweepResult:
     best: FrozenTrial | None
     stopped: str  # done | timeout | workers done
     worker_failures: list[str]
+    out_of_fold: OutOfFold | None = None  # a cv study whose trials are all done
 
     @property
     def unfinished(self) -> bool:
@@ -95,8 +97,12 @@ def run_sweep(study_file: Path | str, storage: str | None = None, workers: int =
     if complete:
         pick = max if loaded.spec.objective.direction == "maximize" else min
         best = pick(complete, key=lambda t: t.value)
-    return SweepResult(loaded.spec.name, masked(url), handle.parent_run_id, handle.experiment,
-                       tally(trials), wanted, best, stopped, failures)
+    result = SweepResult(loaded.spec.name, masked(url), handle.parent_run_id, handle.experiment,
+                         tally(trials), wanted, best, stopped, failures)
+    if loaded.spec.cv and not index and not result.unfinished:  # not in a spawned worker
+        log(f"study {loaded.spec.name}: out-of-fold post-processing on the pooled folds")
+        result.out_of_fold = out_of_fold(handle)
+    return result
 
 
 def _spawn_workers(loaded: StudyFile, url: str, workers: int, n_trials: int | None,

@@ -31,15 +31,18 @@ from optuna.exceptions import DuplicatedStudyError
 from optuna.trial import FrozenTrial, TrialState
 
 from ptxlab import tracking
+from ptxlab.config import Config
 from ptxlab.sweep.runs import PARENT_ATTR, create_parent_run
 from ptxlab.sweep.source_runs import resolve_source_runs
 from ptxlab.sweep.storage import existing_storage, make_storage, masked, resolve_storage
 from ptxlab.sweep.study_file import (
     HeartbeatSpec,
+    Label,
     PrunerSpec,
     SamplerSpec,
     StudyFile,
     StudySpec,
+    build_config,
     load_study_file,
 )
 
@@ -82,6 +85,23 @@ class StudyHandle:
     @property
     def grid_size(self) -> int | None:
         return self.definition["grid_size"]
+
+    def trial_config(self, params: dict[str, Label], repeat: int, run_name: str | None = None,
+                     where: str = "trial") -> Config:
+        """The run config of a configuration's repeat (mode train): the stored base config,
+        the study's and the configuration's overrides, the repeat's seed (and fold)."""
+        base = self.base_config
+        fixed = self.spec.overrides_for(params)
+        # Repeats vary the training seed on one validation split: the base config's, unless
+        # the study sets data.split_seed itself; under cv they also choose the fold of it.
+        split_seed = fixed.get("data.split_seed", base["data"]["split_seed"])
+        overrides = {**fixed, **self.spec.cv_overrides(repeat),
+                     "seed": base["seed"] + self.spec.repeat_seed_offset(repeat),
+                     "data.split_seed": base["seed"] if split_seed is None else split_seed,
+                     "tracking.experiment": self.experiment}
+        if run_name:
+            overrides["tracking.run_name"] = run_name
+        return build_config(base, overrides, where)
 
 
 def _fingerprint(definition: dict) -> str:

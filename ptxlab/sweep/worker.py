@@ -33,7 +33,7 @@ from ptxlab.sweep.study import (
     Tally,
     tally,
 )
-from ptxlab.sweep.study_file import Label, build_config, build_postprocessing
+from ptxlab.sweep.study_file import Label, build_postprocessing
 from ptxlab.sweep.trainings import ready, role_of_new, training_of
 from ptxlab.train import StopTraining, TrainingCallbacks
 
@@ -228,7 +228,7 @@ class Worker:
         role = trial.user_attrs.get(ROLE_ATTR)
         if role:
             tags["ptxlab.trial_role"] = role
-        config = self._trial_config(trial.number, params, repeat, run_name)
+        config = self.handle.trial_config(params, repeat, run_name, f"trial {trial.number}")
         if role == SCORE:
             return self._score_maps(trial, config, tags)
         return self._train(trial, config, tags)
@@ -243,19 +243,6 @@ class Worker:
         trials = self.handle.study.get_trials(deepcopy=False)
         role = role_of_new(trials, key, repeat, self.spec.heartbeat, started)
         return {"repeat": repeat, TRAINING_ATTR: key, ROLE_ATTR: role}
-
-    def _trial_config(self, number: int, params: dict[str, Label], repeat: int,
-                      run_name: str) -> Config:
-        base = self.handle.base_config
-        fixed = self.spec.overrides_for(params)
-        # Repeats vary the training seed on one validation split: the base config's, unless
-        # the study sets data.split_seed itself; under cv they also choose the fold of it.
-        split_seed = fixed.get("data.split_seed", base["data"]["split_seed"])
-        overrides = {**fixed, **self.spec.cv_overrides(repeat),
-                     "seed": base["seed"] + self.spec.repeat_seed_offset(repeat),
-                     "data.split_seed": base["seed"] if split_seed is None else split_seed,
-                     "tracking.run_name": run_name, "tracking.experiment": self.handle.experiment}
-        return build_config(base, overrides, f"trial {number}")
 
     def _train(self, trial: Trial, config: Config, tags: dict[str, str]) -> float:
         trial.set_user_attr("seed", config.seed)
