@@ -38,8 +38,8 @@ from ptxlab.data.layouts import load_cases
 from ptxlab.data.sources import read_pair
 from ptxlab.metrics import MetricAccumulator, dice_from_counts
 from ptxlab.prediction import (
+    MapSource,
     NativePrediction,
-    TrainedRun,
     check_tta,
     load_run,
     predict_native,
@@ -60,12 +60,13 @@ class Evaluation:
     data: str
     layout: str
     tta: str
-    image_size: int
+    image_size: int | list[int]  # an ensemble's: its members'
     postprocess: dict[str, object]
     metrics: dict[str, float]
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
     rows: list[dict[str, object]] = field(default_factory=list)
     confusion: np.ndarray = field(default_factory=lambda: np.zeros((2, 2), dtype=np.int64))
+    members: list[str] = field(default_factory=list)  # an ensemble's run ids
 
     def logged_metrics(self) -> dict[str, float]:
         """Metric name -> value as logged in the run (NaN left out)."""
@@ -78,6 +79,7 @@ class Evaluation:
         """A JSON-safe description (NaN as null) of the evaluation and its metrics."""
         return {
             "run_id": self.run_id,
+            **({"members": self.members} if self.members else {}),
             "name": self.name,
             "data": self.data,
             "layout": self.layout,
@@ -159,13 +161,13 @@ def evaluate_run(reference: str, data: Path, layout: str = "auto", tta: str = "n
                           gallery_size, progress)
 
 
-def evaluate_cases(run: TrainedRun, cases: Sequence[Case], name: str, data: str,
+def evaluate_cases(run: MapSource, cases: Sequence[Case], name: str, data: str,
                    layout: str = "auto", tta: str = "none", batch_size: int = 8,
                    gallery_size: int = GALLERY_SIZE, progress: bool = True,
                    log_into: str | None = None) -> Evaluation:
-    """Score `run`'s model with `run.postprocess` on `cases` (`data` and `layout` say where
-    they come from) and log the results as `name` into the run `log_into` (default: the run
-    that trained the model)."""
+    """Score `run` (a run, or an ensemble) with its post-processing on `cases` (`data` and
+    `layout` say where they come from) and log the results as `name` into the run `log_into`
+    (default: the run that trained the model)."""
     check_tta(tta)
     name = artifacts.safe_name(name)
     with_sites = any(case.site for case in cases)
@@ -178,13 +180,15 @@ def evaluate_cases(run: TrainedRun, cases: Sequence[Case], name: str, data: str,
         worst.offer(result)
     rows = [{column: row["group" if column == "site" else column] for column in PER_IMAGE_COLUMNS}
             for row in accumulator.rows()]
+    described = run.describe()
     evaluation = Evaluation(
-        run_id=log_into or run.run_id, name=name, data=data, layout=layout, tta=tta,
-        image_size=run.config.data.image_size, postprocess=run.postprocess.to_dict(),
+        run_id=log_into or described["run_id"], name=name, data=data, layout=layout, tta=tta,
+        image_size=described["image_size"], postprocess=run.postprocess.to_dict(),
         metrics=accumulator.compute(),
         per_site=accumulator.per_group() if with_sites else {},
         rows=rows,
         confusion=accumulator.image_confusion(),
+        members=described.get("members", []),
     )
     log_evaluation(evaluation, worst.cases())
     return evaluation

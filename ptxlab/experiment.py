@@ -356,13 +356,9 @@ def evaluate_validation(config: Config, predictions: Predictions,
 
 
 def _choose_postprocessing(config: Config, predictions: Predictions) -> PostProcessing:
-    """`choose_postprocessing`, its searches logged (table and heatmap)."""
-    pp = config.postprocess
+    """`choose_postprocessing`, its searches logged into the active run."""
     choice = choose_postprocessing(config, predictions)
-    if choice.search is not None:
-        _log_search(choice.search, pp.resolution, pp.objective)
-    if choice.gate_search is not None:
-        tracking.log_dict(choice.gate_search.to_dict(), artifacts.GATE_SEARCH)
+    log_choice(choice, config)
     return choice.rule
 
 
@@ -378,6 +374,14 @@ def choose_postprocessing(config: Config, predictions: Predictions) -> Choice:
     return choose(predictions.probs[subset], predictions.truths[subset], configured,
                   pp.search, pp.objective, config.model.gate, head,
                   grid=PAPER_GRID if pp.grid == "paper" else None)
+
+
+def log_choice(choice: Choice, config: Config) -> None:
+    """The searches behind a choice into the active run: tables, and the rule's heatmap."""
+    if choice.search is not None:
+        _log_search(choice.search, config.postprocess.resolution, config.postprocess.objective)
+    if choice.gate_search is not None:
+        tracking.log_dict(choice.gate_search.to_dict(), artifacts.GATE_SEARCH)
 
 
 def _log_search(result: SearchResult, resolution: int, objective: str) -> None:

@@ -1,11 +1,12 @@
 """A logged run's model applied at each image's native resolution, and `ptxlab predict`'s files.
 
 `load_run` fetches a run's `model/best.pt` and `model/postprocess.json` from MLflow.
-`predict_native` streams cases one batch at a time: each image is brought to the run's input
-size exactly as training saw it (INTER_AREA through the resized cache when `data.cache` was on,
-the evaluation transform's resize otherwise), predicted, and its uint8 probability map is resized
-back to the image's own size with INTER_LINEAR; the run's post-processing then runs on that map,
-so its areas scale with the image (`PostProcessing.resolution`). Only the current batch is held.
+`predict_native` streams cases one batch at a time through a `MapSource` (a run, or an
+ensemble of runs): each image is brought to the run's input size exactly as training saw it
+(INTER_AREA through the resized cache when `data.cache` was on, the evaluation transform's
+resize otherwise), predicted, and its uint8 probability map is resized back to the image's own
+size with INTER_LINEAR; the run's post-processing then runs on that map, so its areas scale
+with the image (`PostProcessing.resolution`). Only the current batch is held.
 
 The image score is the classification head's probability when the model has one, else the
 highest pixel probability of the model-resolution map (as in validation); an image is called
@@ -28,6 +29,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -57,6 +59,21 @@ PREDICTION_COLUMNS = ("file", "predicted_area", "score", "positive")
 NativeReader = Callable[[Case], tuple[np.ndarray, np.ndarray | None]]
 
 
+class MapSource(Protocol):
+    """What `predict_native` predicts with: one run, or an ensemble of runs
+    (`ptxlab.ensemble.Ensemble`)."""
+
+    postprocess: PostProcessing
+
+    def native_maps(self, images: list[np.ndarray], tta: str, batch_size: int
+                    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+        """Probability maps of native uint8 images at their own sizes (uint8), each image's
+        score and classification-head probability (None without a head)."""
+
+    def describe(self) -> dict[str, object]:
+        """`run_id` (the run to log into) and `image_size`; an ensemble's also `members`."""
+
+
 @dataclass
 class TrainedRun:
     """What evaluate and predict need of a logged run."""
@@ -66,6 +83,33 @@ class TrainedRun:
     config: Config
     postprocess: PostProcessing
     device: torch.device
+
+    def native_maps(self, images: list[np.ndarray], tta: str, batch_size: int
+                    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+        """See `MapSource`: each image brought to the run's input size as validation saw it,
+        predicted, and its map resized back with INTER_LINEAR."""
+        data = self.config.data
+        cache = cached_size(data, self.config.augment.order)
+
+        def model_input(case: Case) -> tuple[np.ndarray, np.ndarray]:
+            image = images[int(case.case_id)]
+            if data.cache and cache:  # as validation saw it: the cache's resize first
+                image = resize_image(image, cache)
+            # `predict` also resizes a mask; the truth is scored at native size: pass zeros.
+            return image, np.zeros(image.shape, dtype=np.uint8)
+
+        positions = [Case(str(i), Path(str(i)), positive=False) for i in range(len(images))]
+        dataset = SegmentationDataset(positions, model_input,
+                                      build_eval_transform(data.image_size), seed=0)
+        result = predict(self.model, dataset, self.device, batch_size, tta, progress=False)
+        maps = [cv2.resize(small, (image.shape[1], image.shape[0]),
+                           interpolation=cv2.INTER_LINEAR)
+                for image, small in zip(images, result.probs, strict=True)]
+        return maps, image_scores(result.probs, result.class_probs), result.class_probs
+
+    def describe(self) -> dict[str, object]:
+        """See `MapSource`."""
+        return {"run_id": self.run_id, "image_size": self.config.data.image_size}
 
 
 @dataclass
@@ -96,40 +140,24 @@ def load_run(reference: str, device: torch.device | None = None) -> TrainedRun:
     return TrainedRun(run_id, model, config, postprocess, device)
 
 
-def predict_native(run: TrainedRun, cases: Sequence[Case], read: NativeReader,
+def predict_native(source: MapSource, cases: Sequence[Case], read: NativeReader,
                    batch_size: int = 8, tta: str = "none", progress: bool = True
                    ) -> Iterator[NativePrediction]:
     """Predict `cases` batch by batch, yielding native-resolution results in case order."""
     check_tta(tta)
-    size = run.config.data.image_size
-    transform = build_eval_transform(size)
-    batch_natives: list[tuple[np.ndarray, np.ndarray | None]] = []
-
-    def model_input(case: Case) -> tuple[np.ndarray, np.ndarray]:
-        image, truth = read(case)
-        batch_natives.append((image, truth))
-        cache = cached_size(run.config.data, run.config.augment.order)
-        if run.config.data.cache and cache:  # as validation saw it: the cache's resize first
-            image = resize_image(image, cache)
-        # `predict` also resizes a mask; the truth is scored at native size, so pass zeros.
-        return image, np.zeros(image.shape, dtype=np.uint8)
-
     with tqdm(total=len(cases), desc="predict", unit="image", leave=False,
               disable=not progress) as bar:
         for start in range(0, len(cases), batch_size):
             batch = list(cases[start : start + batch_size])
-            batch_natives.clear()
-            dataset = SegmentationDataset(batch, model_input, transform, seed=0)
-            result = predict(run.model, dataset, run.device, batch_size, tta, progress=False)
-            scores = image_scores(result.probs, result.class_probs)
-            for case, (image, truth), small, score in zip(
-                batch, batch_natives, result.probs, scores, strict=True
-            ):
-                height, width = image.shape
-                probs = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
-                head = None if result.class_probs is None else score
+            natives = [read(case) for case in batch]
+            maps, scores, heads = source.native_maps([image for image, _ in natives], tta,
+                                                     batch_size)
+            for index, (case, (image, truth), probs) in enumerate(
+                    zip(batch, natives, maps, strict=True)):
+                head = None if heads is None else float(heads[index])
                 yield NativePrediction(case, image, truth, probs,
-                                       apply(probs, run.postprocess, head), float(score))
+                                       apply(probs, source.postprocess, head),
+                                       float(scores[index]))
             bar.update(len(batch))
 
 
@@ -177,21 +205,23 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
     path.write_bytes(encoded.tobytes())
 
 
-def predict_files(run_id: str, inputs: Sequence[Path], out: Path, tta: str = "none",
+def predict_files(model: str | MapSource, inputs: Sequence[Path], out: Path, tta: str = "none",
                   with_overlay: bool = True, batch_size: int = 8, progress: bool = True
                   ) -> list[dict[str, object]]:
-    """Write masks (and overlays) of every input plus predictions.csv into `out`; return rows."""
+    """Write masks (and overlays) of every input plus predictions.csv into `out`; return rows.
+    `model`: a run reference (see `load_run`) or what `predict_native` takes."""
     check_tta(tta)
     out = Path(out)
     files = collect_inputs(inputs, exclude=out)
-    run = load_run(run_id)
+    source = load_run(model) if isinstance(model, str) else model
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
     try:
         cases = [Case(path.stem, path, positive=False) for path in files]
         rows = []
-        for result in predict_native(run, cases, _read_image_only, batch_size, tta, progress):
+        for result in predict_native(source, cases, _read_image_only, batch_size, tta,
+                                     progress):
             stem = result.case.case_id
             _write_png(staging / f"{stem}_mask.png", result.mask * np.uint8(255))
             if with_overlay:

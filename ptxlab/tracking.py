@@ -283,6 +283,19 @@ def log_dataset(dataset, context: str) -> None:
         mlflow.log_input(dataset, context=context)
 
 
+def has_artifact(run_id: str, artifact_path: str) -> bool:
+    """Whether run `run_id` logged the artifact `artifact_path`."""
+    parent = artifact_path.rpartition("/")[0] or None
+    return any(item.path == artifact_path
+               for item in configure().list_artifacts(run_id, parent))
+
+
+def experiment_name(run_id: str) -> str:
+    """The name of the experiment run `run_id` belongs to."""
+    client = configure()
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+
+
 def download_artifact(run_id: str, artifact_path: str, dest: Path | None = None) -> Path:
     """Fetch one artifact of a run to a local path."""
     configure()
