@@ -18,6 +18,10 @@ studies read them back by the same names:
     evaluation/<name>/                 what `ptxlab evaluate` logged (see `evaluation_file`);
                                        evaluation/test/ is the run's own test set (TEST)
 
+An ensemble's run (`ptxlab evaluate` of several runs) holds `ensemble/ensemble.json` (its
+members, the study configuration they come from, its post-processing), the searches that chose
+that post-processing (as above) and its `evaluation/<name>/`.
+
 and logs the best model as an MLflow model (a LoggedModel, stored apart from the run's
 artifacts) named LOGGED_MODEL: `runs:/<run id>/segmenter`, `models:/<model id>`. Its files
 `artifacts/best.pt` and `artifacts/postprocess.json` are copies of MODEL and POSTPROCESS.
@@ -48,6 +52,7 @@ VALIDATION_OVERLAYS = "plots/validation_overlays.png"
 # On a study's parent run: the out-of-fold table of a cross-validation study (`sweep.oof`).
 OUT_OF_FOLD = "study/out_of_fold.json"
 TEST = "test"  # the test set's evaluation name (metrics test_*) and its key in SPLIT
+ENSEMBLE = "ensemble/ensemble.json"
 
 
 def folder(artifact: str) -> str:

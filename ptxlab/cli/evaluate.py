@@ -12,7 +12,15 @@ from rich.console import Console
 from rich.table import Table
 
 from ptxlab.cli.errors import fail_cleanly
-from ptxlab.cli.options import BatchSizeOption, LayoutOption, RunIdArg, TtaOption
+from ptxlab.cli.options import (
+    BatchSizeOption,
+    EnsembleConfigOption,
+    EnsembleStudyOption,
+    LayoutOption,
+    ModelsArg,
+    StorageOption,
+    TtaOption,
+)
 
 if TYPE_CHECKING:
     from ptxlab.evaluation import Evaluation
@@ -21,9 +29,9 @@ COUNT_KEYS = ("n_images", "n_positive")
 
 
 def evaluate(
-    run_id: RunIdArg,
     data: Annotated[Path, typer.Option("--data", help="Dataset folder, in a published layout.",
                                        show_default=False)],
+    models: ModelsArg = None,
     layout: LayoutOption = "auto",
     tta: TtaOption = "none",
     name: Annotated[str | None, typer.Option(
@@ -32,24 +40,33 @@ def evaluate(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object of the metrics, nothing else.")] = False,
     batch_size: BatchSizeOption = 8,
+    study: EnsembleStudyOption = None,
+    configuration: EnsembleConfigOption = None,
+    storage: StorageOption = None,
 ) -> None:
-    """Score a run at each image's native resolution and log the results into that run."""
+    """Score a run at each image's native resolution and log the results into that run; score
+    an ensemble (several runs, or --study) into a new run of its own."""
     with fail_cleanly(as_json):
-        from ptxlab.evaluation import evaluate_run
+        from ptxlab.ensemble import evaluate_models
 
-        evaluation = evaluate_run(run_id, data, layout, tta, name, batch_size,
-                                  progress=sys.stderr.isatty())
+        evaluation = evaluate_models(models or [], data, layout, tta, name, batch_size,
+                                     sys.stderr.isatty(), study, configuration, storage)
     if as_json:
         print(json.dumps(evaluation.summary()))
         return
     Console().print(_metrics_table(evaluation))
-    print(f"logged into run {evaluation.run_id}: metrics {evaluation.name}_*, "
+    where = f"run {evaluation.run_id}"
+    if evaluation.members:
+        where = (f"the new ensemble run {evaluation.run_id} (members "
+                 f"{', '.join(evaluation.members)})")
+    print(f"logged into {where}: metrics {evaluation.name}_*, "
           f"artifacts evaluation/{evaluation.name}/")
 
 
 def _metrics_table(evaluation: Evaluation) -> Table:
     columns = {"all": evaluation.metrics, **evaluation.per_site}
-    table = Table(title=f"{evaluation.name} (run {evaluation.run_id})",
+    kind = f"ensemble of {len(evaluation.members)} runs, " if evaluation.members else ""
+    table = Table(title=f"{evaluation.name} ({kind}run {evaluation.run_id})",
                   caption=f"tta {evaluation.tta}; post-processing {evaluation.postprocess}")
     table.add_column("metric")
     for column in columns:

@@ -9,10 +9,17 @@ import typer
 
 from ptxlab.vocabulary import LAYOUT_CHOICES, TTA_MODES, spoken
 
-RunIdArg = Annotated[str, typer.Argument(
+ModelsArg = Annotated[list[str] | None, typer.Argument(
     help="A finished training run's id, or its MLflow model: runs:/<run id>/segmenter, "
-         "models:/<model id>, models:/<registered name>/<version> or models:/<name>@<alias>.",
-    show_default=False)]
+         "models:/<model id>, models:/<registered name>/<version> or models:/<name>@<alias>. "
+         "Several (or RUN,RUN): their ensemble. None with --study.", show_default=False)]
+EnsembleStudyOption = Annotated[str | None, typer.Option(
+    "--study", help="The ensemble of a study's trainings of one configuration (its folds, or "
+                    "repeats): the study's name or file.", show_default=False)]
+EnsembleConfigOption = Annotated[str | None, typer.Option(
+    "--config", help="With --study: the configuration, by its parameter values as the study "
+                     "stores them, e.g. 'augment.preset=light,optim.lr=0.001' (a part that "
+                     "names one configuration is enough).", show_default=False)]
 TtaOption = Annotated[str, typer.Option("--tta", help=f"Test-time augmentation: {spoken(TTA_MODES)}.")]
 LayoutOption = Annotated[str, typer.Option(
     "--layout", help=f"{spoken(LAYOUT_CHOICES)}.")]
