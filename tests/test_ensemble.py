@@ -3,7 +3,8 @@ predict of several runs or of a study configuration.
 
 The slow tests train tiny runs once for the module (64² phantoms, one epoch, the same
 validation split): `a` at 64², `big` at 96² with another decoder, `head` with a classification
-head, and a study of one post-processing factor x 2 repeats (two trainings, two arms).
+head, and a cross-validated study of one post-processing factor x 2 folds (two trainings, one
+per fold, and two evaluation-only arms).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class Trained:
 
 
 def _write_study(root: Path) -> Path:
-    """One evaluation-only factor (the minimum area) x 2 repeats: 2 trainings, 2 arms."""
+    """One evaluation-only factor (the minimum area) x 2 folds: 2 trainings, 2 arms."""
     tree = {"name": "ensemble-study", "base": str(ROOT / "experiments" / "default.yaml"),
             "set": {"data.synthetic.n_images": 24, "data.synthetic.size": 64,
                     "data.image_size": 64, "data.val_fraction": 0.25,
@@ -132,7 +133,7 @@ def _write_study(root: Path) -> Path:
                     "tracking.experiment": "ensemble-study", "tracking.system_metrics": False,
                     "tracking.overlays": 0},
             "space": {"postprocess.min_area": {"type": "categorical", "choices": [0, 8]}},
-            "repeats": 2, "sampler": {"type": "grid", "seed": 0},
+            "cv": {"folds": 2}, "sampler": {"type": "grid", "seed": 0},
             "heartbeat": {"interval": 2, "grace_period": 30, "max_retry": 1}}
     path = root / "ensemble-study.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -285,7 +286,7 @@ def _artifact_file(run_id: str, artifact: str) -> Path:
 
 
 def _study_trainings(trained: Trained) -> tuple[list[str], str]:
-    """The study's training runs in repeat order, and its parent run."""
+    """The study's training runs in fold order, and its parent run."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -308,6 +309,7 @@ def test_study_config_selects_the_configuration_s_trainings(trained, min_area):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["members"] == trainings  # an arm's configuration: its training's model
+    assert [MlflowClient().get_run(m).data.tags["ptxlab.fold"] for m in trainings] == ["0", "1"]
     assert summary["postprocess"]["min_area"] == min_area  # and its own post-processing
     run = MlflowClient().get_run(summary["run_id"])
     assert run.data.tags["mlflow.parentRunId"] == parent
