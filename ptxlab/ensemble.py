@@ -13,14 +13,15 @@ image score is the members' mean score (the mean head probability when they have
 classification head). Members must predict the same targets (mask outputs, head).
 
 Post-processing. For a study configuration, the rule its study chose on the configuration's
-pooled out-of-fold maps when the study logged one; otherwise (and for a plain list of runs) the
-rule is chosen by the code a training ends with (`experiment.choose_postprocessing`) on the
-members' pooled stored validation maps: every case some member validated, the mean of their maps
-where several did (the ensemble's own validation prediction), all at the largest member
-resolution, with the post-processing settings of the study configuration or of the first member.
+pooled out-of-fold maps, when the study logged one (`sweep.oof`: a cross-validated study, one
+seed). Otherwise, and for a plain list of runs, the rule is chosen by the code a training ends
+with (`experiment.choose_postprocessing`) on the members' pooled stored validation maps: every
+case some member validated, the mean of their maps where several did (the ensemble's own
+validation prediction), all at the largest member resolution, with the post-processing
+settings of the study configuration or of the first member.
 
 `evaluate_ensemble` logs into a new MLflow run tagged `ptxlab.ensemble_members` (a child of the
-study's parent run with --study); `predict_ensemble` writes what `ptxlab predict` writes;
+study's parent run with --study); `predict_models` writes what `ptxlab predict` writes;
 `score_ensemble` scores run ids on given cases with a given rule and returns the metrics.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +53,7 @@ from ptxlab.postprocess import Choice, PostProcessing
 from ptxlab.prediction import TrainedRun, check_tta, load_run, predict_files, predict_native
 from ptxlab.sweep.source_runs import validation_predictions
 from ptxlab.sweep.study import ROLE_ATTR, SCORE, TRAINING_ATTR, StudyHandle, load_existing
-from ptxlab.sweep.study_file import Label, build_config
+from ptxlab.sweep.study_file import Label
 from ptxlab.sweep.trainings import training_of
 
 MEMBERS_TAG = "ptxlab.ensemble_members"
@@ -192,6 +194,7 @@ class StudyConfiguration:
 
     study: str
     params: dict[str, Label]
+    trials: list[int]  # its finished trials (evaluation-only arms included)
     run_ids: list[str]
     config: Config  # its resolved config: the post-processing settings that choose its rule
     parent_run_id: str
@@ -262,12 +265,33 @@ def study_configuration(study: str, configuration: str = "", storage: str | None
     configurations.sort(key=configuration_label)
     params = _select(configurations, configuration, handle)
     label = configuration_label(params)
-    run_ids = _training_runs([t for t in finished if t.params == params], trials, handle)
+    chosen = [t for t in finished if t.params == params]
+    run_ids = _training_runs(chosen, trials, handle)
     if not run_ids:
         raise ValueError(f"study {spec.name!r}, configuration {label}: no finished training")
-    config = build_config(handle.base_config, spec.overrides_for(params),
-                          f"study {spec.name}: {label}")
-    return StudyConfiguration(spec.name, params, run_ids, config, handle.parent_run_id)
+    config = handle.trial_config(params, 0, where=f"study {spec.name}: {label}")
+    return StudyConfiguration(spec.name, params, [t.number for t in chosen], run_ids, config,
+                              handle.parent_run_id)
+
+
+def out_of_fold_rule(selection: StudyConfiguration) -> PostProcessing | None:
+    """The rule a cross-validated study chose on the configuration's pooled out-of-fold maps
+    (its parent run's `artifacts.OUT_OF_FOLD`, one row per configuration and seed), when it
+    logged one and the configuration has one seed; None otherwise (several seeds' rules
+    differ: the ensemble of all of them chooses its own)."""
+    parent = selection.parent_run_id
+    if not tracking.has_artifact(parent, artifacts.OUT_OF_FOLD):
+        return None
+    with tempfile.TemporaryDirectory(prefix="ptxlab-oof-") as folder:
+        table = json.loads(tracking.download_artifact(parent, artifacts.OUT_OF_FOLD,
+                                                      Path(folder)).read_text())
+    column = {name: index for index, name in enumerate(table["columns"])}
+    if "postprocess" not in column:  # logged before the table held the rule itself
+        return None
+    rows = [row for row in table["data"] if set(row[column["trials"]]) <= set(selection.trials)]
+    if len(rows) != 1:
+        return None
+    return PostProcessing.from_dict(rows[0][column["postprocess"]])
 
 
 @dataclass
@@ -318,7 +342,12 @@ def resolve(references: Sequence[str], study: str | None = None, configuration: 
         raise ValueError("give either runs or --study, not both")
     selection = study_configuration(study, configuration or "", storage)
     members = load_members(selection.run_ids)
-    return Resolved(members, *_validation_choice(members, selection.config), selection)
+    rule = out_of_fold_rule(selection)
+    if rule is None:
+        return Resolved(members, *_validation_choice(members, selection.config), selection)
+    return Resolved(members, Choice(rule), selection.config,
+                    "chosen by the study on the configuration's pooled out-of-fold maps",
+                    selection)
 
 
 def _validation_choice(members: list[TrainedRun], config: Config

@@ -214,6 +214,16 @@ def test_two_members_at_different_sizes_average_their_native_maps(trained, tmp_p
         np.testing.assert_array_equal(result.mask, apply(result.probs, resolved.choice.rule))
         assert result.score == pytest.approx((own[0][index].score + own[1][index].score) / 2)
 
+    # Flip TTA: each member's flip-averaged map, then the members' mean.
+    flipped = [list(predict_native(load_run(m), cases[:2], read_pair, tta="hflip",
+                                   progress=False)) for m in members]
+    both_flipped = predict_native(resolved.ensemble, cases[:2], read_pair, tta="hflip",
+                                  progress=False)
+    for index, result in enumerate(both_flipped):
+        np.testing.assert_array_equal(
+            result.probs, mean_map([flipped[0][index].probs, flipped[1][index].probs]))
+    assert not np.array_equal(flipped[0][0].probs, own[0][0].probs)
+
     out = tmp_path / "masks"
     result = invoke("predict", ",".join(members), trained.data / "images", "--out", out,
                     "--no-overlay")
@@ -314,6 +324,25 @@ def test_study_config_selects_the_configuration_s_trainings(trained, min_area):
     run = MlflowClient().get_run(summary["run_id"])
     assert run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.tags["ptxlab.configuration"] == f"postprocess.min_area={min_area}"
+    described = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path=artifacts.ENSEMBLE)).read_text())
+    assert "out-of-fold" in described["postprocess_from"]  # the study's own choice, logged
+    assert described["configuration"] == {"postprocess.min_area": min_area}
+
+
+@pytest.mark.slow
+def test_without_the_study_s_out_of_fold_rule_the_folds_maps_choose_it_again(trained):
+    study = resolve([], trained.study, "postprocess.min_area=8")
+    assert study.rule_source.endswith("out-of-fold maps")
+    table = _artifact_file(_study_trainings(trained)[1], artifacts.OUT_OF_FOLD)
+    hidden = table.with_suffix(".hidden")
+    shutil.move(table, hidden)
+    try:
+        again = resolve([], trained.study, "postprocess.min_area=8")
+    finally:
+        shutil.move(hidden, table)
+    assert again.rule_source == "configured (postprocess.search: false)"
+    assert again.choice.rule.to_dict() == study.choice.rule.to_dict()
 
 
 @pytest.mark.slow

@@ -191,12 +191,15 @@ def _best(result: OutOfFold, maximize: bool) -> list[OofRow]:
 
 
 def table(result: OutOfFold) -> dict[str, list]:
-    """The logged table: `columns` and one list of values per row (`data`)."""
+    """The logged table: `columns` and one list of values per row (`data`); `postprocess` is
+    the rule as `PostProcessing.to_dict` (what a fold ensemble of the configuration uses)."""
     columns = ["configuration", "seed", "trials", "images", "rule", *METRIC_KEYS,
-               *[f"{k}_{end}" for k in INTERVAL_METRICS for end in ("low", "high")]]
+               *[f"{k}_{end}" for k in INTERVAL_METRICS for end in ("low", "high")],
+               "postprocess"]
     data = [[row.label, row.seed, row.trials, int(row.metrics["n_images"]), row.rule_text,
              *[_finite(row.metrics[k]) for k in METRIC_KEYS],
-             *[_finite(row.intervals[k][i]) for k in INTERVAL_METRICS for i in (0, 1)]]
+             *[_finite(row.intervals[k][i]) for k in INTERVAL_METRICS for i in (0, 1)],
+             row.rule]
             for row in result.rows]
     return {"folds": result.folds, "objective": result.objective, "columns": columns,
             "data": data, "incomplete": result.incomplete}
