@@ -49,8 +49,10 @@ LEARNING_CURVES = "plots/learning_curves.png"
 POSTPROCESS_SEARCH_PLOT = "plots/postprocess_search.png"
 VALIDATION_OVERLAYS = "plots/validation_overlays.png"
 
-# On a study's parent run: the out-of-fold table of a cross-validation study (`sweep.oof`).
+# On a study's parent run: the out-of-fold table of a cross-validation study (`sweep.oof`), and
+# its best configuration's fold models on the test set, alone and as an ensemble.
 OUT_OF_FOLD = "study/out_of_fold.json"
+FOLD_ENSEMBLE = "study/fold_ensemble.json"
 TEST = "test"  # the test set's evaluation name (metrics test_*) and its key in SPLIT
 ENSEMBLE = "ensemble/ensemble.json"
 

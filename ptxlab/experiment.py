@@ -243,10 +243,10 @@ def score_test_set(training_run_id: str, config: Config,
     `test_*` into the run `log_into` (default: that run itself); scored with `postprocess`
     instead of the run's own choice when given (a study's evaluation arm). Empty when the
     config has no test set."""
-    test_set = _test_set(training_run_id, config.data)
-    if test_set is None:
+    found = test_set(training_run_id, config.data)
+    if found is None:
         return {}
-    cases, described, layout = test_set
+    cases, described, layout = found
     run = load_run(training_run_id)
     if postprocess is not None:
         run = replace(run, postprocess=postprocess)
@@ -254,7 +254,7 @@ def score_test_set(training_run_id: str, config: Config,
                           log_into=log_into).metrics
 
 
-def _test_set(training_run_id: str, data: DataConfig) -> tuple[list[Case], str, str] | None:
+def test_set(training_run_id: str, data: DataConfig) -> tuple[list[Case], str, str] | None:
     """(cases, their description, layout) of `data.test_source`, or of the held-out subset
     the run's split manifest lists (`data.test_fraction`); None without either."""
     if data.test_source:

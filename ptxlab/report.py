@@ -65,6 +65,8 @@ from ptxlab.sweep import (
     matches,
     tally,
 )
+from ptxlab.sweep.fold_ensemble import NAME as ENSEMBLE_TEST
+from ptxlab.sweep.fold_ensemble import FoldEnsemble, fold_ensemble
 from ptxlab.sweep.oof import OutOfFold, out_of_fold
 
 REPORT_METRICS = {"pooled_iou": "pooled IoU", "mean_dice": "per-image Dice", "auc": "image AUC"}
@@ -497,7 +499,8 @@ def write_report(target: str, storage: str | None = None, out: Path | None = Non
     page.figures.mkdir(parents=True, exist_ok=True)
     results = collect(handle.study)
     oof = out_of_fold(handle)  # cv studies: (re)done and logged, idempotently
-    lines, figures, verdicts = compose_report(handle, results, page, oof)
+    lines, figures, verdicts = compose_report(handle, results, page, oof,
+                                              fold_ensemble(handle, oof))
     write_text(page.markdown, "\n".join(page.preamble() + lines) + "\n")
     client = tracking.configure()
     client.log_artifact(handle.parent_run_id, str(page.markdown), "report")
@@ -507,9 +510,10 @@ def write_report(target: str, storage: str | None = None, out: Path | None = Non
 
 
 def compose_report(handle: StudyHandle, results: list[Result], page: Page,
-                   oof: OutOfFold | None = None) -> tuple[list[str], list[Path], list[Verdict]]:
+                   oof: OutOfFold | None = None, ensemble: FoldEnsemble | None = None
+                   ) -> tuple[list[str], list[Path], list[Verdict]]:
     """Markdown lines, the figures written for `page`, and the verdicts (`oof`: the
-    out-of-fold table of a cv study)."""
+    out-of-fold table of a cv study; `ensemble`: its best configuration on the test set)."""
     spec = handle.spec
     maximize = spec.objective.direction == "maximize"
     objective = f"best_val_{spec.objective.metric}"
@@ -530,6 +534,8 @@ def compose_report(handle: StudyHandle, results: list[Result], page: Page,
     lines += _edge_lines(spec, results, maximize)
     if oof is not None:
         lines += _out_of_fold_lines(oof)
+    if ensemble is not None:
+        lines += _fold_ensemble_lines(ensemble)
 
     lines += ["## Factors", "",
               "Per level: mean [95 % CI] over repeats, and the difference to the first level "
@@ -704,6 +710,39 @@ def _out_of_fold_lines(oof: OutOfFold) -> list[str]:
                   "seed(s))", ""]
     lines += [f"- not pooled: {item}" for item in oof.incomplete]
     return lines + ([""] if oof.incomplete else [])
+
+
+def _fold_ensemble_lines(result: FoldEnsemble) -> list[str]:
+    """The best configuration's fold models on the held-out test set, alone and together."""
+    rule = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in result.rule.items() if k != "resolution")
+    lines = ["## Held-out test set: the fold ensemble of the best configuration", "",
+             f"The {len(result.members)} fold models of {result.configuration} (best by "
+             "out-of-fold objective) on the test set's "
+             f"{result.images} images, which no fold trained or validated on: each fold alone "
+             "(its trial's `test_*`, with the rule chosen on its own fold's validation maps), "
+             "and the ensemble of all of them (maps averaged at native size, the rule chosen "
+             f"on the pooled out-of-fold maps: {rule}), logged to the parent run as "
+             f"`{ENSEMBLE_TEST}_*`.", "",
+             "| model | " + " | ".join(TABLE_METRICS.values()) + " |",
+             "| --- |" + " --- |" * len(TABLE_METRICS)]
+    rows = [(f"fold {fold} alone (trial {trial})", metrics) for fold, (trial, metrics)
+            in enumerate(zip(result.trials, result.folds, strict=True))]
+    mean = {m: float(np.nanmean([f.get(m, math.nan) for f in result.folds]))
+            for m in TABLE_METRICS}
+    rows += [("mean of the folds", mean), ("**fold ensemble**", result.ensemble)]
+    for label, metrics in rows:
+        lines.append(f"| {label} | " + " | ".join(
+            f"{metrics[m]:.4f}" if math.isfinite(metrics.get(m, math.nan)) else "n/a"
+            for m in TABLE_METRICS) + " |")
+    lines.append("")
+    for metric, (value, low, high) in result.differences.items():
+        lines.append(f"- ensemble minus the mean of the folds, {TABLE_METRICS[metric]}: "
+                     f"{value:+.4f} [{low:+.4f}, {high:+.4f}] (95 % image bootstrap over the "
+                     f"{result.images} test images)")
+    lines += ["", f"Verdict on per-image Dice: **{result.verdict()}** (an interval that "
+              "straddles 0 says the test set is too small to tell).", ""]
+    return lines
 
 
 def edge_optima(spec: StudySpec, results: list[Result], maximize: bool) -> list[str]:

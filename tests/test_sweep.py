@@ -133,8 +133,8 @@ def test_workers_starting_together_on_a_new_database_all_open_it(postgres):
 def test_shipped_study_files_are_valid():
     sizes = {path.stem: load_study_file(path) for path in sorted(STUDIES.glob("*.yaml"))}
     grid = {name: len(s.spec.configurations()) * s.spec.repeats for name, s in sizes.items()}
-    assert grid == {"augmentation": 30, "batch-size": 24, "gap": 48, "resolution": 6,
-                    "smoke": 12, "thresholds": 498, "winners": 30}
+    assert grid == {"augmentation": 30, "batch-size": 24, "gap": 48, "real-sample": 12,
+                    "resolution": 6, "smoke": 12, "thresholds": 498, "winners": 30}
     augmentation = sizes["augmentation"].spec.configurations()
     assert {"augment.preset": "none"} in augmentation  # strength only where a preset augments
     assert len({tuple(sorted(c.items())) for c in augmentation}) == len(augmentation) == 10

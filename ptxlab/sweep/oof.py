@@ -93,7 +93,7 @@ def out_of_fold(handle: StudyHandle, log: bool = True) -> OutOfFold | None:
     groups, incomplete = _fold_groups(trials, spec.cv.folds, spec.repeats)
     by_maps: dict[tuple[str, ...], list] = defaultdict(list)
     for (params, seed), folds in groups.items():
-        by_maps[tuple(_maps_run(t, trials) for t in folds)].append((params, seed, folds))
+        by_maps[tuple(training_run(t, trials) for t in folds)].append((params, seed, folds))
     rows = []
     for runs, members in by_maps.items():  # each set of maps pooled once
         pooled = pool_predictions(runs)
@@ -131,7 +131,7 @@ def _fold_groups(trials: list[FrozenTrial], folds: int, seeds: int
     return groups, sorted(incomplete)
 
 
-def _maps_run(trial: FrozenTrial, trials: list[FrozenTrial]) -> str:
+def training_run(trial: FrozenTrial, trials: list[FrozenTrial]) -> str:
     """The run whose validation maps a trial scored: its own, or (an arm) its training's."""
     if trial.user_attrs.get(ROLE_ATTR) == SCORE:
         return trials[trial.user_attrs["training_trial"]].user_attrs["mlflow_run_id"]
