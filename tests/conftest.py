@@ -3,6 +3,7 @@
 import csv
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -76,6 +77,21 @@ def isolated_store(tmp_path, monkeypatch) -> Iterator[Path]:
     monkeypatch.setenv("PTXLAB_PROGRESS", "0")
     mlflow.set_tracking_uri(uri)
     yield tmp_path
+    mlflow.set_tracking_uri(None)
+
+
+@contextmanager
+def private_store(root: Path) -> Iterator[None]:
+    """What `isolated_store` gives one test, for a module-scoped fixture: MLflow store, caches,
+    checkpoints and the working directory inside `root`, undone afterwards (MLflow's global
+    tracking URI, which ptxlab sets, included)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        patch.setenv("PTXLAB_CACHE", str(root / "cache"))
+        patch.setenv("PTXLAB_CHECKPOINTS", str(root / "checkpoints"))
+        patch.setenv("PTXLAB_PROGRESS", "0")
+        patch.chdir(root)
+        yield
     mlflow.set_tracking_uri(None)
 
 

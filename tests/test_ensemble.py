@@ -44,7 +44,7 @@ from ptxlab.postprocess import PostProcessing, apply
 from ptxlab.prediction import load_run, predict_native
 from ptxlab.sweep import run_sweep
 from ptxlab.sweep.source_runs import validation_predictions
-from tests.conftest import TINY_RUN
+from tests.conftest import TINY_RUN, private_store
 
 ROOT = Path(__file__).parents[1]
 # One epoch on one validation split (data.split_seed), so every run validates the same cases.
@@ -144,12 +144,7 @@ def _write_study(root: Path) -> Path:
 def trained(tmp_path_factory: pytest.TempPathFactory):
     """The tiny runs and the study, in a private MLflow store, cache and working dir."""
     root = tmp_path_factory.mktemp("ensemble")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        patch.setenv("PTXLAB_CACHE", str(root / "cache"))
-        patch.setenv("PTXLAB_CHECKPOINTS", str(root / "checkpoints"))
-        patch.setenv("PTXLAB_PROGRESS", "0")
-        patch.chdir(root)
+    with private_store(root):
         ids = {name: run_experiment(load_config(None, [*TINY, *extra]), progress=False).run_id
                for name, extra in RUNS.items()}
         study = _write_study(root)
@@ -158,7 +153,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
                             progress=False)
         yield Trained(ids, root, cases[0].image.parents[1], "ensemble-study",
                       root / "mlruns" / "optuna" / "ensemble-study.journal")
-    mlflow.set_tracking_uri(None)
 
 
 def _same_metrics(first: dict[str, float], second: dict[str, float]) -> bool:

@@ -14,7 +14,6 @@ from itertools import product
 from pathlib import Path
 
 import cv2
-import mlflow
 import numpy as np
 import pydicom
 import pytest
@@ -38,7 +37,7 @@ from ptxlab.experiment import run_experiment
 from ptxlab.inference import load_trained_model, predict
 from ptxlab.postprocess import PostProcessing, apply
 from ptxlab.prediction import load_run, predict_native
-from tests.conftest import SIIM_SAMPLE, sample_rows
+from tests.conftest import SIIM_SAMPLE, private_store, sample_rows
 
 SAMPLE = SIIM_SAMPLE
 NATIVE = 1024
@@ -78,15 +77,10 @@ class Trained:
 def trained(tmp_path_factory: pytest.TempPathFactory):
     """One tiny run for the whole module, in a private MLflow store, cache and working dir."""
     root = tmp_path_factory.mktemp("evaluate-predict")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        patch.setenv("PTXLAB_CACHE", str(root / "cache"))
-        patch.setenv("PTXLAB_CHECKPOINTS", str(root / "checkpoints"))
-        patch.chdir(root)
+    with private_store(root):
         summary = run_experiment(load_config(None, TINY_RUN), progress=False)
         assert summary.best_epoch == 0
         yield Trained(summary.run_id, root)
-    mlflow.set_tracking_uri(None)  # ptxlab pointed MLflow's global URI at this module's store
 
 
 def folder_subset(root: Path, positives: int, negatives: int) -> Path:

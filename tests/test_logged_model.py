@@ -27,7 +27,7 @@ from ptxlab import artifacts
 from ptxlab.config import load_config
 from ptxlab.experiment import run_experiment
 from ptxlab.prediction import load_run, predict_files
-from tests.conftest import SIIM_SAMPLE, TINY_RUN, sample_rows
+from tests.conftest import SIIM_SAMPLE, TINY_RUN, private_store, sample_rows
 
 # A fixed threshold on an untrained network: masks that are neither empty nor full.
 # keep_checkpoints: the test checks the resume checkpoint stays apart from the logged model.
@@ -47,15 +47,9 @@ class Trained:
 def trained(tmp_path_factory: pytest.TempPathFactory):
     """One tiny run for the whole module, in a private MLflow store, cache and working dir."""
     root = tmp_path_factory.mktemp("logged-model")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        patch.setenv("PTXLAB_CACHE", str(root / "cache"))
-        patch.setenv("PTXLAB_CHECKPOINTS", str(root / "checkpoints"))
-        patch.setenv("PTXLAB_PROGRESS", "none")
-        patch.chdir(root)
+    with private_store(root):
         summary = run_experiment(load_config(None, MODEL_RUN))
         yield Trained(summary.run_id, summary.experiment_id, root)
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")
