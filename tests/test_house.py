@@ -51,7 +51,17 @@ def imported_modules(name: str) -> set[str]:
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
                        for alias in node.names]
         found.update(target for target in targets if target in MODULES and target != name)
+    # Importing a.b.c runs a.b's __init__ first, unless that package encloses `name` (then it
+    # is already being imported): an edge to every such package.
+    found |= {parent for target in found for parent in _packages_above(target)
+              if not (name == parent or name.startswith(parent + "."))}
     return found
+
+
+def _packages_above(module: str) -> list[str]:
+    """The packages enclosing `module` that ptxlab has (`ptxlab.sweep` for ptxlab.sweep.oof)."""
+    parts = module.split(".")
+    return [".".join(parts[:n]) for n in range(1, len(parts)) if ".".join(parts[:n]) in MODULES]
 
 
 def import_cycles() -> list[list[str]]:
@@ -92,6 +102,9 @@ def test_the_import_graph_finds_what_it_should():
     assert "ptxlab.experiment" in imported_modules("ptxlab.sweep.worker")  # a function's import
     assert "ptxlab.inference" not in imported_modules("ptxlab.metrics")  # TYPE_CHECKING only
     assert "ptxlab.tracking" in imported_modules("ptxlab.evaluation")  # `from ptxlab import x`
+    # importing a submodule of another package runs that package's __init__
+    assert "ptxlab.sweep" in imported_modules("ptxlab.ensemble")
+    assert "ptxlab.sweep" not in imported_modules("ptxlab.sweep.runner")
 
 
 def test_no_import_cycles():

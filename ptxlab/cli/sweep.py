@@ -51,6 +51,7 @@ def sweep(
 
         result = run_sweep(study, storage, workers, n_trials, timeout, name,
                            overrides=overrides or [])
+        ensemble = _fold_ensemble(result)
     counts = result.counts
     print(f"study {result.name} ({result.storage}): {counts.finished} of {result.budget} trials "
           f"finished: {counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed "
@@ -60,7 +61,7 @@ def sweep(
         params = ", ".join(f"{k}={v}" for k, v in result.best.params.items())
         print(f"best trial {result.best.number}: {result.best.value:.4f} ({params}; "
               f"repeat {result.best.user_attrs.get('repeat')})")
-    _print_out_of_fold(result.out_of_fold)
+    _print_out_of_fold(result.out_of_fold, ensemble)
     print(f"MLflow parent run {result.parent_run_id} (experiment '{result.experiment}'); "
           f"report: ptxlab report {study}")
     print(f"compare its trials: ptxlab ui, then {parent_link(result.parent_run_id)}")
@@ -73,13 +74,29 @@ def sweep(
         register_best_model(name or str(study), storage, register)
 
 
-def _print_out_of_fold(oof) -> None:
-    """A cv study's best out-of-fold configuration (`sweep.oof`), when there is one."""
+def _fold_ensemble(result):
+    """A cv study's best configuration on its test set (`sweep.fold_ensemble`), when it has
+    one. Imported here, not by the sweep package: the ensemble module imports that package."""
+    if result.out_of_fold is None:
+        return None
+    from ptxlab.sweep.fold_ensemble import fold_ensemble
+
+    return fold_ensemble(result.handle, result.out_of_fold)
+
+
+def _print_out_of_fold(oof, ensemble) -> None:
+    """A cv study's best out-of-fold configuration (`sweep.oof`), when there is one, and its
+    fold ensemble on the test set."""
     if oof and oof.best:
         print(f"out-of-fold ({oof.folds} folds pooled, {len(oof.rows)} configuration x seed "
               f"rows): best {oof.best[0].label}: oof_{oof.objective}="
               f"{oof.mean(oof.best, oof.objective):.4f} (table {artifacts.OUT_OF_FOLD} on the "
               "parent run)")
+    if ensemble is not None:
+        value, low, high = ensemble.differences["mean_dice"]
+        print(f"fold ensemble of {ensemble.configuration} on the {ensemble.images} test images: "
+              f"per-image Dice {ensemble.ensemble['mean_dice']:.4f}, {value:+.4f} [{low:+.4f}, "
+              f"{high:+.4f}] against its folds' mean ({ensemble.verdict()})")
 
 
 def _print_plan(study: Path, name: str | None, as_json: bool, step_ms: float | None,

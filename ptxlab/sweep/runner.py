@@ -15,7 +15,6 @@ from pathlib import Path
 from optuna.trial import FrozenTrial, TrialState
 
 from ptxlab import environment
-from ptxlab.sweep.fold_ensemble import FoldEnsemble, fold_ensemble
 from ptxlab.sweep.oof import OutOfFold, out_of_fold
 from ptxlab.sweep.storage import masked, resolve_storage
 from ptxlab.sweep.study import StudyHandle, Tally, open_study, tally
@@ -63,7 +62,7 @@ class SweepResult:
     stopped: str  # done | timeout | workers done
     worker_failures: list[str]
     out_of_fold: OutOfFold | None = None  # a cv study whose trials are all done
-    fold_ensemble: FoldEnsemble | None = None  # ... with a test set: its best on the test set
+    handle: StudyHandle | None = None  # the study, for what comes after (the fold ensemble)
 
     @property
     def unfinished(self) -> bool:
@@ -104,7 +103,7 @@ def run_sweep(study_file: Path | str, storage: str | None = None, workers: int =
     if loaded.spec.cv and not index and not result.unfinished:  # not in a spawned worker
         log(f"study {loaded.spec.name}: out-of-fold post-processing on the pooled folds")
         result.out_of_fold = out_of_fold(handle)
-        result.fold_ensemble = fold_ensemble(handle, result.out_of_fold)
+    result.handle = handle
     return result
 
 
