@@ -99,8 +99,12 @@ def fold_ensemble(handle: StudyHandle, oof: OutOfFold | None) -> FoldEnsemble | 
 
 
 def _test_metrics(trial) -> dict[str, float]:
-    return {key: math.nan if value is None else value
-            for key, value in (trial.user_attrs.get("test_metrics") or {}).items()}
+    return _nan_for_none(trial.user_attrs.get("test_metrics") or {})
+
+
+def _nan_for_none(values: dict[str, float | None]) -> dict[str, float]:
+    """Metrics stored as JSON (an undefined one as null) back as floats (NaN)."""
+    return {key: math.nan if value is None else value for key, value in values.items()}
 
 
 def _per_image(run_id: str, name: str) -> dict[str, dict[str, float]]:
@@ -166,12 +170,8 @@ def _read_back(parent: str) -> FoldEnsemble:
     with tempfile.TemporaryDirectory(prefix="ptxlab-fold-ensemble-") as folder:
         path = tracking.download_artifact(parent, artifacts.FOLD_ENSEMBLE, Path(folder))
         stored = json.loads(path.read_text())
-
-    def metrics(values: dict) -> dict[str, float]:
-        return {key: math.nan if value is None else value for key, value in values.items()}
-
-    stored["ensemble"] = metrics(stored["ensemble"])
-    stored["folds"] = [metrics(fold) for fold in stored["folds"]]
+    stored["ensemble"] = _nan_for_none(stored["ensemble"])
+    stored["folds"] = [_nan_for_none(fold) for fold in stored["folds"]]
     stored["differences"] = {key: tuple(math.nan if v is None else v for v in values)
                              for key, values in stored["differences"].items()}
     return FoldEnsemble(**stored)
